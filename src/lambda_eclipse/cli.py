@@ -227,7 +227,58 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--device")
     enc.set_defaults(func=_encode_subject_command)
 
+    train = commands.add_parser("train-prior", help="train a λ-ECLIPSE prior on a feature store (resumes when rerun)")
+    train.add_argument("--config", help="YAML config (configs/prior-debug.yaml, configs/prior-paper.yaml)")
+    train.add_argument("--output-dir", help="run folder (checkpoints/, logs/, prior/); rerun to resume")
+    train.add_argument("--max-steps", type=int, help="optimizer steps of the whole run")
+    train.add_argument("--checkpoint-every", type=int, help="steps between training checkpoints")
+    train.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=1e-4")
+    train.set_defaults(func=_train_prior_command)
+
+    features = commands.add_parser("features", help="feature-store tools").add_subparsers(
+        dest="features_command", required=True, parser_class=_Parser)
+    check = features.add_parser("validate", help="count samples and find corrupt or truncated shards")
+    check.add_argument("directory")
+    check.set_defaults(func=_features_validate_command)
+    synth = features.add_parser("synth", help="write a synthetic feature store with learnable structure")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--num-samples", type=int, default=4096)
+    synth.add_argument("--dim", type=int, default=64)
+    synth.add_argument("--max-text-len", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_features_synth_command)
     return parser
+
+
+def _train_prior_command(ns: argparse.Namespace) -> None:
+    from .train.config import config_help, load_config
+
+    if ns.help_config:
+        print("config keys (override with section.key=value):\n" + config_help())
+        return
+    from .train import train_prior
+
+    config = load_config(ns.config, ns.overrides, output_dir=ns.output_dir, max_steps=ns.max_steps,
+                         checkpoint_every=ns.checkpoint_every)
+    out = train_prior(config)
+    print(out / "prior")
+
+
+def _features_validate_command(ns: argparse.Namespace) -> None:
+    from .features import format_report, validate_feature_store
+
+    report = validate_feature_store(ns.directory)
+    print(format_report(report))
+    if report.problems:
+        raise UserError(f"{len(report.problems)} corrupt or truncated shard(s) in {ns.directory}; rebuild or remove them")
+
+
+def _features_synth_command(ns: argparse.Namespace) -> None:
+    from .features import synthesize_features
+
+    synthesize_features(ns.out, num_samples=ns.num_samples, dim=ns.dim, max_text_len=ns.max_text_len, seed=ns.seed)
+    print(ns.out)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,6 +9,8 @@ float −10000 mask repeated per head; this module computes the same function fa
 * attention goes through ``scaled_dot_product_attention`` with one boolean mask broadcast over heads;
 * text is trimmed to the longest real prompt in the batch. Padded text columns are masked for every query and
   only the last token is read, so dropping them changes nothing. The extra tokens keep positions 77..80;
+* the remaining padding of shorter prompts is skipped too: norms, projections and the feed-forward run on the
+  packed real tokens only, and only attention sees the padded (B, N) layout, where padding is masked;
 * the last block computes attention and the feed-forward for the read-out token only.
 """
 
@@ -37,6 +39,29 @@ class LambdaEclipsePriorOutput(BaseOutput):
     predicted_image_embedding: torch.Tensor
 
 
+class _Layout:
+    """Where the real tokens of a (B, N) batch sit. Per-token work (norms, projections, feed-forward) runs on the
+    (M, C) packed real tokens only; attention unpacks keys/values/queries to (B, N) where padding is masked anyway."""
+
+    def __init__(self, real: torch.Tensor) -> None:
+        self.batch, self.length = real.shape
+        self.dense = bool(real.all())
+        self.index = None if self.dense else real.reshape(-1).nonzero().squeeze(1)  # (M,) rows of B*N
+        # The read-out token is last in every sequence and always real: its packed row is (#real up to it) - 1.
+        self.last = real.reshape(-1).cumsum(0).view(self.batch, self.length)[:, -1] - 1
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (M, C)."""
+        flat = x.reshape(self.batch * self.length, -1)
+        return flat if self.dense else flat.index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (B, N, C) with zeros at padded positions."""
+        if not self.dense:
+            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return x.view(self.batch, self.length, -1)
+
+
 class _Attention(nn.Module):
     """Multi-head self-attention with the parameter names of diffusers' ``Attention`` (to_q/to_k/to_v/to_out.0)."""
 
@@ -49,15 +74,21 @@ class _Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, query_last_only: bool = False) -> torch.Tensor:
-        """x: (B, N, dim); mask: (B, 1, Nq, N) bool, True = may attend. Returns (B, Nq, dim)."""
-        b, n, _ = x.shape
-        q_in = x[:, -1:] if query_last_only else x
-        q = self.to_q(q_in).view(b, q_in.shape[1], self.heads, self.head_dim).transpose(1, 2)
-        k = self.to_k(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        v = self.to_v(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, layout: _Layout, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: (M, dim) packed tokens; mask: (B, 1, Nq, N) bool, True = may attend.
+        Returns (M, dim), or (B, dim) for the read-out tokens when ``last_only``."""
+        if last_only:
+            q = self._heads(self.to_q(x.index_select(0, layout.last))[:, None])  # (B, H, 1, d)
+        else:
+            q = self._heads(layout.unpack(self.to_q(x)))  # (B, H, N, d)
+        k = self._heads(layout.unpack(self.to_k(x)))
+        v = self._heads(layout.unpack(self.to_v(x)))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, q_in.shape[1], self.heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], self.heads * self.head_dim)
+        out = out[:, 0] if last_only else layout.pack(out)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -94,9 +125,10 @@ class _Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = _FeedForward(dim, dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        attended = self.attn1(self.norm1(x), mask, query_last_only=last_only)
-        x = (x[:, -1:] if last_only else x) + attended
+    def forward(self, x: torch.Tensor, layout: _Layout, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: (M, dim) packed tokens -> (M, dim), or (B, dim) read-out tokens when ``last_only``."""
+        attended = self.attn1(self.norm1(x), layout, mask, last_only=last_only)
+        x = (x.index_select(0, layout.last) if last_only else x) + attended
         return x + self.ff(self.norm3(x))
 
 
@@ -216,10 +248,14 @@ class LambdaEclipsePrior(ModelMixin, ConfigMixin):
         tokens = tokens + torch.cat([pos[:, :text_len], pos[:, cfg.num_embeddings :]], dim=1)
 
         mask = self._attention_mask(attention_mask, cfg.additional_embeddings)
+        real = torch.cat([attention_mask, attention_mask.new_ones(batch, cfg.additional_embeddings)], dim=1)
+        # Without trimming every position is computed, as the released code does.
+        layout = _Layout(real if trim else torch.ones_like(real))
+        tokens = layout.pack(tokens)
         for i, block in enumerate(self.transformer_blocks):
             last = i == len(self.transformer_blocks) - 1
-            tokens = block(tokens, mask[:, :, -1:] if last else mask, last_only=last)
-        predicted = self.proj_to_clip_embeddings(self.norm_out(tokens[:, -1]))
+            tokens = block(tokens, layout, mask[:, :, -1:] if last else mask, last_only=last)
+        predicted = self.proj_to_clip_embeddings(self.norm_out(tokens))
         if not return_dict:
             return (predicted,)
         return LambdaEclipsePriorOutput(predicted_image_embedding=predicted)

@@ -1,0 +1,89 @@
+"""The dataset builder's last stage: captions, subject crops and images -> CLIP feature samples.
+
+Every sample's subject-word spans come from :func:`lambda_eclipse.conditioning.locate_subject_tokens`, the function
+the generation pipeline uses to bind subjects, so the trainer binds exactly the tokens inference will bind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from ..conditioning import locate_subject_tokens
+from ..encoders import canny_edges, encode_images, encode_text, text_context_length
+from ..features import FeatureSample
+
+
+@dataclass
+class CaptionedImage:
+    """One builder record: the image, its caption, its subjects (word in the caption -> crop on white)."""
+
+    image: Image.Image
+    caption: str
+    subjects: Sequence[tuple[str, Image.Image]]
+    source_id: str
+    with_edge: bool = True
+
+
+@dataclass
+class ClipEncoders:
+    """The frozen encoders that make features (the same four components the pipeline holds)."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    image_encoder: torch.nn.Module
+    image_processor: object
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "ClipEncoders":
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.image_processor)
+
+
+@torch.no_grad()
+def encode_records(encoders: ClipEncoders, records: Sequence[CaptionedImage]) -> list[FeatureSample]:
+    """Encode one batch of records; images, crops and edge maps go through the vision encoder together."""
+    e = encoders
+    length = text_context_length(e.tokenizer, e.text_encoder)
+    located = [locate_subject_tokens(e.tokenizer, r.caption, [w for w, _ in r.subjects], length) for r in records]
+    text = encode_text(e.tokenizer, e.text_encoder, [r.caption for r in records])
+    pictures: list[Image.Image] = []
+    for r in records:
+        pictures.append(r.image)
+        pictures.extend(crop for _, crop in r.subjects)
+        if r.with_edge:
+            pictures.append(canny_edges(r.image))
+    embeds = encode_images(e.image_processor, e.image_encoder, pictures).float().cpu()
+    samples, cursor = [], 0
+    for i, (record, tokens) in enumerate(zip(records, located)):
+        target = embeds[cursor]
+        subjects = embeds[cursor + 1 : cursor + 1 + len(record.subjects)]
+        cursor += 1 + len(record.subjects)
+        edge = None
+        if record.with_edge:
+            edge, cursor = embeds[cursor], cursor + 1
+        # One span per subject: the first occurrence (the feature schema stores one; captions name each once).
+        spans = torch.tensor([tokens.spans[w][0] for w in tokens.spans], dtype=torch.int32).reshape(-1, 2)
+        real = int(text.attention_mask[i].sum())
+        samples.append(
+            FeatureSample(
+                caption=record.caption, token_states=text.token_states[i, :real].float().cpu(),
+                pooled_text=text.pooled[i].float().cpu(), subject_embeds=subjects, subject_spans=spans,
+                target=target, edge=edge, source_id=record.source_id,
+            )
+        )
+    return samples
+
+
+def encode_stream(encoders: ClipEncoders, records: Iterable[CaptionedImage], batch_size: int = 256) -> Iterator[FeatureSample]:
+    """Encode records in batches, yielding samples in order."""
+    batch: list[CaptionedImage] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == batch_size:
+            yield from encode_records(encoders, batch)
+            batch = []
+    if batch:
+        yield from encode_records(encoders, batch)

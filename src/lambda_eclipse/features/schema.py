@@ -1,0 +1,288 @@
+"""The feature-store schema: one training sample, the shard layout and the ``index.json`` that lists shards.
+
+A store is a directory::
+
+    index.json                      the store's metadata and the list of committed shards (written last)
+    zero_image.safetensors          (D,) fp32 zero-image embedding: the control input when there is no edge map
+    shard-00000.safetensors         N samples, concatenated (layout below)
+    shard-00001.safetensors         ...
+
+Each shard is one safetensors file whose tensors concatenate N samples; variable-length parts (token states,
+subjects, edges, strings) are stored flat with per-sample offsets (row ``i`` of a part is
+``part[offsets[i]:offsets[i + 1]]``), so nothing is padded on disk:
+
+=====================  ===============  ===========================================================
+tensor                 shape / dtype    meaning
+=====================  ===============  ===========================================================
+``token_states``       (T, D) fp16      last-layer text states of the real tokens (BOS..EOS), T = ΣL
+``token_offsets``      (N+1,) int64     sample i owns rows ``[token_offsets[i], token_offsets[i+1])``
+``pooled_text``        (N, D) fp16      projected pooled embedding of the unmodified caption
+``target``             (N, D) fp16      CLIP image embedding of the whole image
+``subject_embeds``     (S, D) fp16      subject crop embeddings, S = Σ subjects
+``subject_spans``      (S, 2) int32     [start, end) of the subject's word, positions in token_states
+``subject_offsets``    (N+1,) int64     sample i owns subjects ``[subject_offsets[i], ...[i+1])``
+``edge``               (E, D) fp16      Canny-edge embeddings of the samples that have one
+``edge_index``         (N,) int32       row of ``edge`` for sample i, or -1 when it has none
+``caption_bytes``      (C,) uint8       UTF-8 captions, concatenated; ``caption_offsets`` (N+1,)
+``source_id_bytes``    (I,) uint8       UTF-8 source ids, concatenated; ``source_id_offsets`` (N+1,)
+=====================  ===============  ===========================================================
+
+Why fp16 for every vector, not only the token states: fp16 keeps 11 significant bits, a relative rounding error of
+at most 2^-11 ≈ 4.9e-4 per element, which moves a vector's direction by about that much; the cosine similarity
+between a CLIP embedding and its fp16 copy is 1 - O(1e-7) (checked in the tests: > 0.99999). The released prior and
+the decoder run in fp16 anyway. It keeps a paper-scale sample (16 tokens, 2.5 subjects, edge, D=1280) at ~55 KB.
+The writer refuses values that overflow fp16 (|x| > 65504) instead of storing inf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+FORMAT_NAME = "lambda-eclipse-features"
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.json"
+ZERO_IMAGE_NAME = "zero_image.safetensors"
+STORAGE_DTYPE = torch.float16
+FP16_MAX = 65504.0
+
+#: Tensor names of a shard and their dtypes (``None`` = the storage float dtype).
+SHARD_TENSORS: dict[str, torch.dtype | None] = {
+    "token_states": None,
+    "token_offsets": torch.int64,
+    "pooled_text": None,
+    "target": None,
+    "subject_embeds": None,
+    "subject_spans": torch.int32,
+    "subject_offsets": torch.int64,
+    "edge": None,
+    "edge_index": torch.int32,
+    "caption_bytes": torch.uint8,
+    "caption_offsets": torch.int64,
+    "source_id_bytes": torch.uint8,
+    "source_id_offsets": torch.int64,
+}
+
+
+def shard_file_name(number: int) -> str:
+    """The file name of shard ``number`` (zero-padded so that names sort in write order)."""
+    return f"shard-{number:05d}.safetensors"
+
+
+@dataclass
+class FeatureSample:
+    """One training sample (shapes for D = feature dim, L = real tokens, S = subjects).
+
+    Attributes:
+        caption: the image caption.
+        token_states: (L, D) text-encoder last-layer states of the real tokens only, BOS at position 0.
+        pooled_text: (D,) projected pooled text embedding of the unmodified caption.
+        subject_embeds: (S, D) CLIP image embeddings of the subject crops (S = 0..4 in the paper: 1-4).
+        subject_spans: (S, 2) int [start, end) of each subject's word in ``token_states``.
+        target: (D,) CLIP image embedding of the whole image.
+        edge: (D,) CLIP embedding of the image's Canny edge map, or None.
+        source_id: where the sample came from (e.g. a LAION key); used for resume and de-duplication.
+    """
+
+    caption: str
+    token_states: torch.Tensor
+    pooled_text: torch.Tensor
+    subject_embeds: torch.Tensor
+    subject_spans: torch.Tensor
+    target: torch.Tensor
+    edge: torch.Tensor | None = None
+    source_id: str = ""
+
+    @classmethod
+    def coerce(cls, sample: FeatureSample | Mapping[str, Any]) -> FeatureSample:
+        """Accept a :class:`FeatureSample` or a mapping with the same keys (``edge``/``source_id`` optional)."""
+        if isinstance(sample, FeatureSample):
+            return sample
+        missing = {"caption", "token_states", "pooled_text", "subject_embeds", "subject_spans", "target"} - set(sample)
+        if missing:
+            raise ValueError(f"feature sample lacks {sorted(missing)}")
+        known = {k: sample[k] for k in cls.__dataclass_fields__ if k in sample}
+        return cls(**known)
+
+    def __repr__(self) -> str:  # the default repr would print every tensor
+        return (
+            f"FeatureSample(caption={self.caption!r}, tokens={self.num_tokens}, subjects={self.num_subjects}, "
+            f"dim={self.token_states.shape[-1]}, edge={self.edge is not None}, source_id={self.source_id!r})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_states.shape[0])
+
+    @property
+    def num_subjects(self) -> int:
+        return int(self.subject_embeds.shape[0])
+
+
+def check_sample(sample: FeatureSample, dim: int, max_text_len: int) -> None:
+    """Raise ``ValueError`` naming the first problem of ``sample`` against a store of (dim, max_text_len)."""
+    where = f"sample {sample.source_id!r}" if sample.source_id else "sample"
+    tokens = sample.token_states
+    if tokens.dim() != 2 or tokens.shape[1] != dim:
+        raise ValueError(f"{where}: token_states must be (L, {dim}), got {tuple(tokens.shape)}")
+    if not 1 <= tokens.shape[0] <= max_text_len:
+        raise ValueError(f"{where}: {tokens.shape[0]} tokens; the store takes 1..{max_text_len} (no padding)")
+    for name in ("pooled_text", "target") + (("edge",) if sample.edge is not None else ()):
+        value = getattr(sample, name)
+        if tuple(value.shape) != (dim,):
+            raise ValueError(f"{where}: {name} must be ({dim},), got {tuple(value.shape)}")
+    subjects, spans = sample.subject_embeds, sample.subject_spans
+    if subjects.dim() != 2 or subjects.shape[1] != dim:
+        raise ValueError(f"{where}: subject_embeds must be (S, {dim}), got {tuple(subjects.shape)}")
+    if tuple(spans.shape) != (subjects.shape[0], 2):
+        raise ValueError(f"{where}: subject_spans must be ({subjects.shape[0]}, 2), got {tuple(spans.shape)}")
+    if spans.is_floating_point():
+        raise ValueError(f"{where}: subject_spans must be integers")
+    if len(spans) and not bool(((spans[:, 0] >= 0) & (spans[:, 0] < spans[:, 1]) & (spans[:, 1] <= len(tokens))).all()):
+        raise ValueError(f"{where}: subject_spans {spans.tolist()} must satisfy 0 <= start < end <= {len(tokens)}")
+    for name in ("token_states", "pooled_text", "target", "subject_embeds", "edge"):
+        value = getattr(sample, name)
+        if value is None or value.numel() == 0:
+            continue
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: {name} must be floating point, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {name} has NaN or inf")
+        if float(value.abs().max()) > FP16_MAX:
+            raise ValueError(f"{where}: {name} exceeds the fp16 range (|x| > {FP16_MAX:g}); rescale before storing")
+
+
+@dataclass
+class ShardInfo:
+    """One committed shard as listed in ``index.json``."""
+
+    file: str
+    num_samples: int
+    num_tokens: int
+    num_subjects: int
+    num_edges: int
+    nbytes: int
+
+
+@dataclass
+class StoreIndex:
+    """The contents of ``index.json``: the store's dims, dtype, schema version and shard list."""
+
+    dim: int
+    max_text_len: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    dtype: str = "float16"
+    format: str = FORMAT_NAME
+    version: int = SCHEMA_VERSION
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["num_samples"] = self.num_samples  # redundant, for people reading the file
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> StoreIndex:
+        data = json.loads(text)
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a {FORMAT_NAME} index (format={data.get('format')!r})")
+        if data.get("version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema version {data.get('version')} is not supported (this code reads {SCHEMA_VERSION})"
+            )
+        shards = [ShardInfo(**s) for s in data.pop("shards")]
+        data.pop("num_samples", None)
+        return cls(shards=shards, **data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_index(directory: str | os.PathLike[str]) -> StoreIndex:
+    """Load ``DIR/index.json``; user mistakes (no dir, no index, wrong file) raise :class:`UserError`."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"feature store {str(root)!r} does not exist; pass the directory a FeatureWriter wrote")
+    path = root / INDEX_NAME
+    if not path.is_file():
+        raise UserError(
+            f"{str(root)!r} has no {INDEX_NAME}; it is not a feature store (build one first, "
+            "e.g. `lambda-eclipse build` or lambda_eclipse.features.synthesize_features)"
+        )
+    try:
+        return StoreIndex.from_json(path.read_text())
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{str(path)!r} is not a readable feature index ({err}); rebuild the store") from err
+
+
+def write_index(directory: str | os.PathLike[str], index: StoreIndex) -> None:
+    """Atomically (re)write ``DIR/index.json``."""
+    write_atomic(Path(directory) / INDEX_NAME, index.to_json().encode())
+
+
+def write_zero_image(directory: str | os.PathLike[str], zero_image: torch.Tensor) -> None:
+    """Store the (D,) zero-image embedding (CLIP image embedding of all-zero pixel values) next to the index.
+
+    The trainer feeds it as the control embedding of samples without an edge map, as the released pipeline does;
+    it belongs to the store because it depends on the image encoder that made the features. Kept in fp32.
+    """
+    from safetensors.torch import save
+
+    data = save({"zero_image": zero_image.detach().reshape(-1).to("cpu", torch.float32).contiguous()})
+    write_atomic(Path(directory) / ZERO_IMAGE_NAME, data)
+
+
+def read_zero_image(directory: str | os.PathLike[str]) -> torch.Tensor:
+    """The store's (D,) fp32 zero-image embedding; a store without one raises :class:`UserError`."""
+    from safetensors.torch import load_file
+
+    index = read_index(directory)
+    path = Path(directory) / ZERO_IMAGE_NAME
+    if not path.is_file():
+        raise UserError(
+            f"{str(directory)!r} has no {ZERO_IMAGE_NAME}; rebuild it with FeatureWriter(zero_image=...) or add one "
+            "with lambda_eclipse.features.write_zero_image(dir, encoders.zero_image_embedding(image_encoder)[0])"
+        )
+    vector = load_file(str(path))["zero_image"]
+    if vector.shape != (index.dim,):
+        raise UserError(f"{str(path)!r} holds a {tuple(vector.shape)} vector; the store's features are {index.dim}-d")
+    return vector
+
+
+def pack_strings(strings: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 encode and concatenate: returns (C,) uint8 bytes and (N+1,) int64 offsets."""
+    encoded = [s.encode("utf-8") for s in strings]
+    offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
+    if encoded:
+        offsets[1:] = torch.tensor([len(e) for e in encoded], dtype=torch.int64).cumsum(0)
+    data = (
+        torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+        if offsets[-1]
+        else torch.zeros(0, dtype=torch.uint8)
+    )
+    return data, offsets
+
+
+def unpack_string(data: torch.Tensor, offsets: torch.Tensor, i: int) -> str:
+    """String ``i`` of a (bytes, offsets) pair made by :func:`pack_strings`."""
+    start, end = int(offsets[i]), int(offsets[i + 1])
+    return bytes(data[start:end].numpy()).decode("utf-8")

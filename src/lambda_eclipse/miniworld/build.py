@@ -1,0 +1,158 @@
+"""Build the miniature model family: scenes → tiny CLIP → tiny MoVQ → tiny K2.2 UNet.
+
+Writes ``out_dir/components/{text_encoder,tokenizer,image_encoder,image_processor,movq,unet,scheduler}``
+(each folder appears atomically) and keeps resumable state under ``out_dir/work/``. Rerunning skips
+stages whose folders are complete and resumes a killed stage from its last checkpoint.
+
+    python -m lambda_eclipse.miniworld.build --out runs/miniworld-components --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from .clip_recipe import CLIP_COMPONENTS, ClipRecipe, run_clip_stage
+from .data import load_or_render_pool
+from .movq_recipe import MoVQRecipe, run_movq_stage
+from .training import set_threads
+from .unet_recipe import UNetRecipe, run_unet_stage
+
+COMPONENTS = CLIP_COMPONENTS + ("movq", "unet", "scheduler")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the built components (same config + seed → same training runs)."""
+
+    size: int = 32  # image side in px; the MoVQ maps it to size/4 latents
+    seed: int = 0
+    threads: int = 1  # torch CPU threads
+    scenes: int = 50000  # training pool (rendered once, cached under work/)
+    heldout_scenes: int = 512  # held-out pool for the metrics
+    verify_n: int = 64  # held-out scenes rendered through KandinskyV22Pipeline at the end
+    clip: ClipRecipe = field(default_factory=ClipRecipe)
+    movq: MoVQRecipe = field(default_factory=MoVQRecipe)
+    unet: UNetRecipe = field(default_factory=UNetRecipe)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BuildConfig":
+        """From a nested dict (e.g. parsed YAML); unknown keys raise ``TypeError``."""
+        data = dict(data)
+        recipes = {"clip": ClipRecipe, "movq": MoVQRecipe, "unet": UNetRecipe}
+        for key, kind in recipes.items():
+            if key in data:
+                sub = dict(data[key] or {})
+                for f in fields(kind):
+                    if f.name in sub and isinstance(sub[f.name], list):
+                        sub[f.name] = tuple(sub[f.name])
+                data[key] = kind(**sub)
+        return cls(**data)
+
+
+def smoke_config(size: int = 32) -> BuildConfig:
+    """A seconds-long build with tiny models: for tests, not for use."""
+    return BuildConfig(
+        size=size, scenes=200, heldout_scenes=32, verify_n=4,
+        clip=ClipRecipe(steps=3, batch_scenes=16, batch_crops=8, hidden=32, layers=1, heads=2,
+                        projection_dim=32, warmup=1),
+        movq=MoVQRecipe(steps=3, batch=8, block_out_channels=(32, 32, 32), warmup=1),
+        unet=UNetRecipe(steps=3, batch=8, block_out_channels=(32, 32), cross_attention_dim=32, warmup=1),
+    )
+
+
+def components_complete(components: Path, names: tuple[str, ...]) -> bool:
+    """Whether every named component folder exists (folders only ever appear complete)."""
+    return all((Path(components) / n).is_dir() for n in names)
+
+
+def build_components(out_dir: str | Path, config: BuildConfig | None = None, verify_steps: int = 50) -> Path:
+    """Run the stages in order, skipping finished ones; returns ``out_dir/components``."""
+    config = config or BuildConfig()
+    out_dir = Path(out_dir)
+    (out_dir / "work").mkdir(parents=True, exist_ok=True)
+    previous_threads = torch.get_num_threads()
+    set_threads(config.threads)
+    try:
+        return _run_stages(out_dir, config, verify_steps)
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call should not leave the process single-threaded
+
+
+def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int) -> Path:
+    components, work = out_dir / "components", out_dir / "work"
+    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    report_path = out_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def record(stage: str, metrics: dict, started: float) -> None:
+        report[stage] = {**metrics, "seconds": round(time.time() - started, 1)}
+        report_path.write_text(json.dumps(report, indent=2))
+        log(f"{stage} done: {report[stage]}")
+
+    t = time.time()
+    pool = load_or_render_pool(work / "pool-train.npz", config.scenes, config.seed, config.size, "train")
+    heldout = load_or_render_pool(
+        work / "pool-heldout.npz", config.heldout_scenes, config.seed, config.size, "heldout"
+    )
+    log(f"scene pools ready ({len(pool)} train, {len(heldout)} held-out) in {time.time() - t:.0f} s")
+
+    if components_complete(components, CLIP_COMPONENTS):
+        log("clip: complete, skipped")
+    else:
+        t = time.time()
+        record("clip", run_clip_stage(pool, heldout, work / "clip", components, config.clip, config.seed,
+                                      config.size), t)
+    if components_complete(components, ("movq",)):
+        log("movq: complete, skipped")
+    else:
+        t = time.time()
+        record("movq", run_movq_stage(pool, heldout, work / "movq", components, config.movq, config.seed), t)
+    if components_complete(components, ("unet", "scheduler")):
+        log("unet: complete, skipped")
+    else:
+        t = time.time()
+        unet_recipe = config.unet
+        metrics = run_unet_stage(pool, heldout, work / "unet", components, unet_recipe, config.seed, config.size,
+                                 verify_n=config.verify_n, verify_steps=verify_steps)
+        record("unet", metrics, t)
+    log(f"components ready in {components}")
+    return components
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder (components/ and work/ go inside)")
+    parser.add_argument("--config", help="YAML file with BuildConfig fields (nested clip/movq/unet sections)")
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--scenes", type=int)
+    parser.add_argument("--clip-steps", type=int)
+    parser.add_argument("--movq-steps", type=int)
+    parser.add_argument("--unet-steps", type=int)
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps each (seconds)")
+    args = parser.parse_args(argv)
+    config = smoke_config() if args.smoke else BuildConfig()
+    if args.config:
+        config = BuildConfig.from_dict(yaml.safe_load(Path(args.config).read_text()) or {})
+    top = {k: getattr(args, k) for k in ("size", "seed", "threads", "scenes") if getattr(args, k) is not None}
+    config = replace(config, **top)
+    for stage in ("clip", "movq", "unet"):
+        steps = getattr(args, f"{stage}_steps")
+        if steps is not None:
+            config = replace(config, **{stage: replace(getattr(config, stage), steps=steps)})
+    build_components(args.out, config, verify_steps=5 if args.smoke else 50)
+
+
+if __name__ == "__main__":
+    main()

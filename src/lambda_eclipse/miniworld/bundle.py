@@ -1,0 +1,116 @@
+"""`lambda-eclipse miniworld build`: the whole miniature model family, step-bounded, seeded and resumable.
+
+Stages (each skipped when its output is complete, each resumable after a kill):
+  components  tiny CLIP, MoVQ and Kandinsky-2.2-style UNet          (:mod:`.build`)
+  features    train and held-out feature stores through the feature store (:mod:`.prior_stage`)
+  priors      λ = 0.2 (shipped), and λ = 0 and 0.5 for the sweep, with `train-prior`
+  oracle      the concept judge for `miniworld eval`                 (:mod:`.oracle`)
+  bundle      one diffusers-style folder that LambdaEclipsePipeline.from_pretrained loads
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .prior_stage import FeatureRecipe, train_miniworld_prior, write_scene_features
+
+SHIPPED_LAMBDA = 0.2
+SWEEP_LAMBDAS = (0.0, 0.2, 0.5)
+
+
+@dataclass(frozen=True)
+class MiniworldBuild:
+    """What `miniworld build` trains (defaults: the shipped bundle; `smoke()`: a CI-sized run)."""
+
+    features: FeatureRecipe = field(default_factory=FeatureRecipe)
+    prior_overrides: tuple[str, ...] = ()
+    sweep: bool = True
+    oracle_steps: int = 3000
+    threads: int = 2
+    smoke_components: bool = False
+
+    @classmethod
+    def smoke(cls) -> "MiniworldBuild":
+        return cls(
+            features=FeatureRecipe(train_scenes=256, val_scenes=64, batch=64),
+            prior_overrides=("max_steps=6", "checkpoint_every=3", "val_every=3", "data.batch_size=32",
+                             "model.num_layers=1", "model.num_attention_heads=2", "progress=false"),
+            sweep=False, oracle_steps=5, smoke_components=True,
+        )
+
+
+def load_encoders(components: Path):
+    """The tiny CLIP encoders of a components folder."""
+    from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from ..build import ClipEncoders
+
+    return ClipEncoders(
+        tokenizer=CLIPTokenizer.from_pretrained(components / "tokenizer"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(components / "text_encoder").eval(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(components / "image_encoder").eval(),
+        image_processor=CLIPImageProcessorPil.from_pretrained(components / "image_processor"),
+    )
+
+
+def assemble_bundle(components: Path, prior_dir: Path, out: Path) -> Path:
+    """Write one pipeline folder (model_index.json + every component) atomically."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+
+    from ..pipeline import LambdaEclipsePipeline
+    from ..prior import LambdaEclipsePrior
+
+    encoders = load_encoders(components)
+    pipe = LambdaEclipsePipeline(
+        prior=LambdaEclipsePrior.from_pretrained(prior_dir), text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer, image_encoder=encoders.image_encoder, image_processor=encoders.image_processor,
+        unet=UNet2DConditionModel.from_pretrained(components / "unet"),
+        scheduler=DDPMScheduler.from_pretrained(components / "scheduler"),
+        movq=VQModel.from_pretrained(components / "movq"),
+    )
+    temporary = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipe.save_pretrained(temporary)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(temporary, out)
+    return out
+
+
+def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, install: str | Path | None = None) -> Path:
+    """Run every stage into ``out_dir``; returns the bundle folder (copied to ``install`` when given)."""
+    import torch
+
+    from .build import BuildConfig, build_components, smoke_config
+    from .oracle import train_oracle
+
+    plan = plan or MiniworldBuild()
+    out = Path(out_dir)
+    torch.set_num_threads(plan.threads)
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] miniworld: {message}", flush=True)
+
+    config = smoke_config() if plan.smoke_components else BuildConfig()
+    components = build_components(out / "components-build", replace(config, threads=plan.threads))
+    size = config.size
+    encoders = load_encoders(components)
+    log("components ready; encoding features")
+    train = write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", size, plan.features)
+    val = write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", size, plan.features)
+    priors = {}
+    for lam in SWEEP_LAMBDAS if plan.sweep else (SHIPPED_LAMBDA,):
+        log(f"training the prior with λ={lam}")
+        priors[lam] = train_miniworld_prior(train, val, out / "priors" / f"lambda-{lam}", lam, plan.prior_overrides)
+    log("training the oracle")
+    train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=plan.threads)
+    bundle = assemble_bundle(components, priors[SHIPPED_LAMBDA], out / "bundle")
+    log(f"bundle written to {bundle}")
+    if install is not None:
+        assemble_bundle(components, priors[SHIPPED_LAMBDA], Path(install))
+        log(f"installed to {install}")
+    return bundle

@@ -1,0 +1,199 @@
+"""Recipe 1: a tiny CLIP, trained contrastively on scenes and subject crops, saved as K2.2-style components.
+
+Batches mix scene images with their captions (both kinds) and subject crops with "a {colour} {texture}
+{shape}", so a crop's embedding means its appearance — what the prior needs for the λ binding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from .data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ScenePool, clip_pixels, tokenize
+from .training import Checkpointer, atomic_dir, cosine_lr, load_checkpoint, progress, set_lr, step_generator
+from .vocab import miniworld_tokenizer
+
+CLIP_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processor")
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """Tiny CLIP: model shape and training schedule."""
+
+    steps: int = 800
+    batch_scenes: int = 96  # scene images per batch
+    batch_crops: int = 48  # subject crops per batch
+    p_full: float = 0.7  # chance a scene is paired with its full caption (else the appearance-free one)
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    patch: int = 4
+    projection_dim: int = 128
+    max_length: int = 32
+    bf16: bool = True  # bfloat16 autocast: ~2x faster on CPUs with AVX512-BF16, weights stay float32
+
+
+def make_clip(recipe: ClipRecipe, size: int, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> CLIPModel:
+    """A fresh CLIPModel; pad/bos/eos ids are explicit (eos == 2 would select CLIP's legacy pooling)."""
+    text = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=4 * recipe.hidden,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+        max_position_embeddings=recipe.max_length, projection_dim=recipe.projection_dim,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=recipe.hidden, intermediate_size=4 * recipe.hidden, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads, image_size=size, patch_size=recipe.patch,
+        projection_dim=recipe.projection_dim,
+    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=recipe.projection_dim)
+    return CLIPModel(config)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, text_ids: torch.Tensor, logit_scale: torch.Tensor):
+    """Symmetric InfoNCE with multi-positive targets. image_emb, text_emb: (B, D); text_ids: (B, L).
+
+    Appearance-free captions and crop texts repeat within a batch; every identical text is a positive,
+    so the loss never pushes apart two images that fit the same words.
+    """
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * image_emb @ text_emb.T  # (B, B)
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1).float()
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.log_softmax(0)).sum(0).mean())
+
+
+def _embed(model: CLIPModel, pixels: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected embeddings (B, D) of images (B, 3, S, S) or token ids (B, L), as float32."""
+    if pixels is not None:
+        return model.get_image_features(pixel_values=pixels).pooler_output.float()
+    return model.get_text_features(input_ids=ids).pooler_output.float()
+
+
+def trim_padding(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Drop the padding columns after the longest sequence's first eos. ids: (B, L) -> (B, L').
+
+    Exact for CLIP: attention is causal and pooling reads the first eos, so later pads change nothing.
+    """
+    first_eos = (ids == eos_id).int().argmax(1)
+    return ids[:, : int(first_eos.max()) + 1]
+
+
+def train_clip(
+    pool: ScenePool, work_dir: Path, recipe: ClipRecipe, seed: int, size: int, stop_at: int | None = None
+) -> tuple[CLIPModel, object]:
+    """Train (resuming from ``work_dir/ckpt.pt``) and return ``(model, tokenizer)``.
+
+    ``stop_at`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
+    """
+    tokenizer = miniworld_tokenizer(recipe.max_length)
+    torch.manual_seed(seed)
+    model = make_clip(
+        recipe, size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    ckpt_path = Path(work_dir) / "ckpt.pt"
+    state = load_checkpoint(ckpt_path)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    # tokenize the whole pool once: the tokenizer is the slowest thing per sample otherwise
+    ids_full = tokenize(tokenizer, pool.captions_full, recipe.max_length)
+    ids_free = tokenize(tokenizer, pool.captions_free, recipe.max_length)
+    ids_crop = tokenize(tokenizer, pool.crop_texts, recipe.max_length)
+    ckpt = Checkpointer(ckpt_path, recipe.steps)
+    state_fn = lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+    bar = progress(recipe.steps, start, "clip")
+    model.train()
+    for step in range(start, recipe.steps):
+        g = step_generator(seed, step, stream=1)
+        si = torch.randint(len(pool), (recipe.batch_scenes,), generator=g)
+        ci = torch.randint(len(pool.crops), (recipe.batch_crops,), generator=g)
+        use_full = torch.rand(recipe.batch_scenes, generator=g) < recipe.p_full
+        ids = torch.cat([torch.where(use_full[:, None], ids_full[si], ids_free[si]), ids_crop[ci]])
+        ids = trim_padding(ids, tokenizer.eos_token_id)
+        pixels = clip_pixels(np.concatenate([pool.images[si.numpy()], pool.crops[ci.numpy()]]))
+        set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            image_emb, text_emb = _embed(model, pixels=pixels), _embed(model, ids=ids)
+        loss = clip_loss(image_emb, text_emb, ids, model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        stopping = stop_at is not None and step + 1 >= stop_at
+        ckpt.maybe_save(step + 1, state_fn, force=stopping)
+        if stopping:
+            break
+    bar.close()
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def evaluate_clip(model: CLIPModel, tokenizer, pool: ScenePool, max_length: int, n: int = 512) -> dict[str, float]:
+    """Top-1 retrieval on a (held-out) pool: image→full caption, image→appearance-free caption, crop→crop text."""
+    n = min(n, len(pool))
+    img = F.normalize(_embed(model, pixels=clip_pixels(pool.images[:n])), dim=-1)
+    out = {}
+    for name, texts in (("full", pool.captions_full[:n]), ("free", pool.captions_free[:n])):
+        txt = F.normalize(_embed(model, ids=tokenize(tokenizer, texts, max_length)), dim=-1)
+        out[f"image_to_{name}_caption_top1"] = (img @ txt.T).argmax(1).eq(torch.arange(n)).float().mean().item()
+    m = min(n, len(pool.crops))
+    crop = F.normalize(_embed(model, pixels=clip_pixels(pool.crops[:m])), dim=-1)
+    labels = sorted(set(pool.crop_texts[:m]))
+    txt = F.normalize(_embed(model, ids=tokenize(tokenizer, labels, max_length)), dim=-1)
+    truth = torch.tensor([labels.index(t) for t in pool.crop_texts[:m]])
+    out["crop_to_appearance_top1"] = (crop @ txt.T).argmax(1).eq(truth).float().mean().item()
+    out["n"] = n
+    return out
+
+
+def export_clip(model: CLIPModel, tokenizer, size: int, components: Path) -> None:
+    """Write text_encoder/, image_encoder/, tokenizer/, image_processor/ under ``components`` (each atomically)."""
+    text = CLIPTextModelWithProjection(model.config.text_config)
+    text.text_model.load_state_dict(model.text_model.state_dict())
+    text.text_projection.load_state_dict(model.text_projection.state_dict())
+    vision = CLIPVisionModelWithProjection(model.config.vision_config)
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD),
+    )
+    for name, obj in (("text_encoder", text), ("image_encoder", vision), ("tokenizer", tokenizer),
+                      ("image_processor", processor)):
+        with atomic_dir(Path(components) / name) as tmp:
+            obj.save_pretrained(tmp)
+
+
+def run_clip_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, components: Path, recipe: ClipRecipe,
+                   seed: int, size: int) -> dict[str, float]:
+    """Train, evaluate on the held-out pool, export; returns the metrics (also written to work_dir)."""
+    model, tokenizer = train_clip(pool, work_dir, recipe, seed, size)
+    metrics = evaluate_clip(model, tokenizer, heldout, recipe.max_length)
+    (Path(work_dir) / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
+    export_clip(model, tokenizer, size, components)
+    return metrics

@@ -1,0 +1,168 @@
+"""Recipe 2: a tiny MoVQ (diffusers ``VQModel`` with spatial norm), trained as an autoencoder.
+
+Kandinsky 2.2 decodes the UNet's *unquantized* latents with ``movq.decode(latents, force_not_quantize=True)``
+and no scaling factor, so the decoder is trained on unquantized latents and, after training, a per-channel
+affine map that makes latents zero-mean and unit-variance is folded exactly into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from diffusers.models.attention_processor import SpatialNorm
+
+from .data import ScenePool, unit_pixels
+from .training import Checkpointer, atomic_dir, cosine_lr, load_checkpoint, progress, set_lr, step_generator
+
+
+@dataclass(frozen=True)
+class MoVQRecipe:
+    """Tiny MoVQ: model shape and training schedule."""
+
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    # len(block_out_channels) - 1 halvings: 3 levels = factor 4 (32 px -> 8x8 latents). Every width must be
+    # a multiple of 32: SpatialNorm hard-codes GroupNorm(32) in the decoder.
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    num_vq_embeddings: int = 256
+    edge_weight: float = 0.5  # L1 on image gradients keeps silhouettes sharp
+    latent_l2: float = 1e-4  # keeps the latent scale from drifting
+    latent_noise: float = 0.1  # decoder sees noisy latents (relative std): robust to the UNet's errors
+
+
+def make_movq(recipe: MoVQRecipe) -> VQModel:
+    n = len(recipe.block_out_channels)
+    return VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(recipe.block_out_channels),
+        layers_per_block=recipe.layers_per_block, latent_channels=recipe.latent_channels,
+        num_vq_embeddings=recipe.num_vq_embeddings, vq_embed_dim=recipe.latent_channels, norm_type="spatial",
+    )
+
+
+def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between the finite-difference image gradients of a and b, both (B, 3, H, W)."""
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+def train_movq(
+    pool: ScenePool, work_dir: Path, recipe: MoVQRecipe, seed: int, stop_at: int | None = None
+) -> VQModel:
+    """Train (resuming from ``work_dir/ckpt.pt``) and return the model (latents not yet normalised).
+
+    ``stop_at`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
+    """
+    torch.manual_seed(seed)
+    movq = make_movq(recipe)
+    opt = torch.optim.AdamW(movq.parameters(), lr=recipe.lr, weight_decay=0.0)
+    ckpt_path = Path(work_dir) / "ckpt.pt"
+    state = load_checkpoint(ckpt_path)
+    start = 0
+    if state is not None:
+        movq.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    ckpt = Checkpointer(ckpt_path, recipe.steps)
+    state_fn = lambda: {"model": movq.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+    bar = progress(recipe.steps, start, "movq")
+    movq.train()
+    for step in range(start, recipe.steps):
+        g = step_generator(seed, step, stream=2)
+        idx = torch.randint(len(pool), (recipe.batch,), generator=g)
+        x = unit_pixels(pool.images[idx.numpy()])
+        flip = torch.rand(recipe.batch, generator=g) < 0.5  # flips are free extra data for an autoencoder
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
+        h = movq.encode(x).latents
+        noise = torch.randn(h.shape, generator=g) * recipe.latent_noise * h.detach().std()
+        y = movq.decode(h + noise, force_not_quantize=True).sample
+        loss = (
+            F.l1_loss(y, x) + F.mse_loss(y, x) + recipe.edge_weight * _grad_l1(y, x)
+            + recipe.latent_l2 * h.pow(2).mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(movq.parameters(), 1.0)
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        stopping = stop_at is not None and step + 1 >= stop_at
+        ckpt.maybe_save(step + 1, state_fn, force=stopping)
+        if stopping:
+            break
+    bar.close()
+    return movq.eval()
+
+
+@torch.no_grad()
+def latent_stats(movq: VQModel, images, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (C,) of ``movq.encode`` over uint8 images (N, S, S, 3)."""
+    lat = torch.cat([movq.encode(unit_pixels(images[i : i + batch])).latents for i in range(0, len(images), batch)])
+    return lat.mean(dim=(0, 2, 3)), lat.std(dim=(0, 2, 3))
+
+
+@torch.no_grad()
+def fold_latent_normalisation(movq: VQModel, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Rewrite ``movq`` in place so its latents become ``(h - mean) / std`` per channel while every
+    decode is unchanged (exact up to float rounding).
+
+    quant_conv's output is divided out; every 1×1 consumer of the latent — post_quant_conv and each
+    SpatialNorm's conv_y/conv_b — gets ``W·diag(std)`` and ``b + W·mean``; the codebook moves with it.
+    """
+    q = movq.quant_conv
+    q.weight.div_(std.view(-1, 1, 1, 1))
+    q.bias.sub_(mean).div_(std)
+    consumers = [movq.post_quant_conv]
+    for module in movq.decoder.modules():
+        if isinstance(module, SpatialNorm):
+            consumers += [module.conv_y, module.conv_b]
+    for conv in consumers:
+        w = conv.weight[:, :, 0, 0]  # (out, C): all consumers are 1x1, so the fold is exact at borders too
+        conv.bias.add_(w @ mean)
+        conv.weight.mul_(std.view(1, -1, 1, 1))
+    emb = movq.quantize.embedding.weight
+    emb.sub_(mean).div_(std)
+
+
+@torch.no_grad()
+def evaluate_movq(movq: VQModel, images, batch: int = 256) -> dict[str, float]:
+    """Reconstruction MSE in [-1, 1] through the K2.2 path (encode, decode unquantized)."""
+    errs = []
+    for i in range(0, len(images), batch):
+        x = unit_pixels(images[i : i + batch])
+        y = movq.decode(movq.encode(x).latents, force_not_quantize=True).sample.clamp(-1, 1)
+        errs.append((y - x).pow(2).mean(dim=(1, 2, 3)))
+    return {"recon_mse": torch.cat(errs).mean().item(), "n": len(images)}
+
+
+def run_movq_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, components: Path, recipe: MoVQRecipe,
+                   seed: int) -> dict[str, float]:
+    """Train, normalise the latents, evaluate on held-out scenes, export ``components/movq``."""
+    movq = train_movq(pool, work_dir, recipe, seed)
+    mean, std = latent_stats(movq, pool.images[:2048])
+    probe = unit_pixels(heldout.images[:16])
+    before = movq.decode(movq.encode(probe).latents, force_not_quantize=True).sample
+    fold_latent_normalisation(movq, mean, std)
+    after_lat = movq.encode(probe).latents
+    after = movq.decode(after_lat, force_not_quantize=True).sample
+    metrics = evaluate_movq(movq, heldout.images)
+    metrics["fold_max_abs_error"] = (after - before).abs().max().item()
+    new_mean, new_std = latent_stats(movq, pool.images[:2048])
+    metrics["latent_mean_after"] = new_mean.tolist()
+    metrics["latent_std_after"] = new_std.tolist()
+    metrics["raw_latent_std"] = std.tolist()
+    (Path(work_dir) / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
+    with atomic_dir(Path(components) / "movq") as tmp:
+        movq.save_pretrained(tmp)
+    return metrics

@@ -1,0 +1,138 @@
+"""The miniature-world concept oracle: network shapes, targets, scoring, training, save/load."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lambda_eclipse.miniworld.oracle import (
+    CONFIG, WEIGHTS, Oracle, OracleNet, SceneReading, ShapeReading, augment, load_oracle, oracle_accuracy,
+    relation_from_centres, scene_targets, score_readings, train_oracle,
+)
+from lambda_eclipse.miniworld.scenes import sample_scenes
+from lambda_eclipse.miniworld.vocab import BG_COLOURS, BG_KINDS, COLOURS, SHAPES, TEXTURES
+
+
+@pytest.fixture(scope="module")
+def tiny_oracle(tmp_path_factory) -> Oracle:
+    torch.set_num_threads(1)
+    path = train_oracle(tmp_path_factory.mktemp("oracle"), size=16, steps=4, batch=8, scenes=24, eval_scenes=8,
+                        log_every=0)
+    return load_oracle(path)
+
+
+def _truth_reading(scene) -> SceneReading:
+    """A reading that says exactly what the scene holds (centres from the tight boxes)."""
+    truth = {o.shape: o for o in scene.objects}
+    shapes = {}
+    for s in SHAPES:
+        o = truth.get(s)
+        box = o.box if o else (0, 0, 0, 0)
+        shapes[s] = ShapeReading(
+            present=1.0 if o else 0.0, colour=o.colour if o else "red", colour_conf=1.0,
+            texture=o.texture if o else "plain", texture_conf=1.0, size=o.size if o else "small", size_conf=1.0,
+            centre=((box[0] + box[2]) / 2 / scene.size, (box[1] + box[3]) / 2 / scene.size),
+        )
+    return SceneReading(shapes, scene.background_colour, 1.0, scene.background_kind, 1.0)
+
+
+def test_network_shapes_and_size():
+    net = OracleNet()
+    assert 100_000 <= sum(p.numel() for p in net.parameters()) <= 300_000
+    for side in (16, 32):
+        out = net(torch.rand(3, 3, side, side))
+        assert out["presence"].shape == (3, len(SHAPES))
+        assert out["colour"].shape == (3, len(SHAPES), len(COLOURS))
+        assert out["texture"].shape == (3, len(SHAPES), len(TEXTURES))
+        assert out["centre"].shape == (3, len(SHAPES), 2)
+        assert ((out["centre"] >= 0) & (out["centre"] <= 1)).all()
+        assert out["bg_colour"].shape == (3, len(BG_COLOURS)) and out["bg_kind"].shape == (3, len(BG_KINDS))
+
+
+def test_scenes_never_repeat_a_shape_and_targets_match_labels():
+    scenes = sample_scenes(200, seed=3, size=16) + sample_scenes(100, seed=3, size=16, split="heldout")
+    assert all(len(set(s.nouns)) == len(s.nouns) for s in scenes)  # per-shape heads rely on this
+    t = scene_targets(scenes)
+    assert t.presence.sum().item() == sum(len(s.objects) for s in scenes)
+    assert ((t.colour >= 0) == t.presence.bool()).all()
+    first = scenes[0].objects[0]
+    k = SHAPES.index(first.shape)
+    assert list(COLOURS)[t.colour[0, k]] == first.colour and TEXTURES[t.texture[0, k]] == first.texture
+
+
+def test_relation_from_centres():
+    assert relation_from_centres((0.2, 0.5), (0.8, 0.45)) == "left of"
+    assert relation_from_centres((0.8, 0.5), (0.2, 0.55)) == "right of"
+    assert relation_from_centres((0.5, 0.1), (0.45, 0.9)) == "above"
+    assert relation_from_centres((0.5, 0.9), (0.55, 0.1)) == "below"
+
+
+def test_perfect_readings_score_perfectly():
+    scenes = sample_scenes(60, seed=1, size=32, split="heldout")
+    m = score_readings([_truth_reading(s) for s in scenes], scenes)
+    for key in ("shape_f1", "colour_accuracy", "texture_accuracy", "size_accuracy", "background_colour_accuracy",
+                "background_kind_accuracy", "colour_reserved_accuracy"):
+        assert m[key] == 1.0, key
+    assert m["relation_accuracy"] >= 0.95  # tight-box centres can disagree with the layout's boxes on near-ties
+    assert m["n_images"] == 60 and m["n_objects"] == sum(len(s.objects) for s in scenes)
+    assert m["n_objects_reserved"] >= 60  # every held-out scene has a reserved instance
+    assert m["centre_error_px"] == 0.0
+
+
+def test_augment_is_seeded_and_in_range():
+    x = torch.rand(6, 3, 16, 16)
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert (a - x).abs().mean() < 0.1  # light: colour names must survive
+
+
+def test_train_save_load_and_read(tiny_oracle, tmp_path):
+    folder = tmp_path / "again"
+    path = train_oracle(folder, size=16, steps=4, batch=8, scenes=24, eval_scenes=8, log_every=0)
+    assert (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+    assert not list(path.glob(".tmp-*"))
+    again = load_oracle(path)
+    assert "heldout_renders" in again.config["metrics"]
+    scenes = sample_scenes(5, seed=2, size=16, split="heldout")
+    arr = np.stack([s.image for s in scenes])
+    p1, p2 = tiny_oracle.probs(arr), again.probs(arr)  # same seed and steps -> same weights
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    readings = tiny_oracle.read([Image.fromarray(a) for a in arr])
+    assert len(readings) == 5 and set(readings[0].shapes) == set(SHAPES)
+    tensor = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(tiny_oracle.probs(tensor)["presence"], p1["presence"])
+    big = np.stack([np.asarray(Image.fromarray(a).resize((32, 32))) for a in arr])
+    assert tiny_oracle.probs(big)["presence"].shape == (5, len(SHAPES))  # other sizes are resized
+    acc = oracle_accuracy(tiny_oracle, scenes)
+    assert acc["n_images"] == 5 and 0 <= acc["colour_accuracy"] <= 1
+
+
+def test_load_refuses_a_non_oracle_folder(tmp_path):
+    from lambda_eclipse.errors import UserError
+
+    with pytest.raises(UserError):
+        load_oracle(tmp_path)
+
+
+def test_a_short_run_learns_the_background():
+    # 16 px and 150 steps take seconds; background colour is the easiest label, well above chance (0.2) by then
+    torch.set_num_threads(1)
+    from lambda_eclipse.miniworld.oracle import oracle_loss
+
+    torch.manual_seed(0)
+    scenes = sample_scenes(400, seed=11, size=16)
+    t = scene_targets(scenes)
+    x = torch.from_numpy(t.images).permute(0, 3, 1, 2).float() / 255
+    net = OracleNet(8)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(len(scenes), (32,), generator=g)
+        loss = oracle_loss(net(x[idx]), t, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held = sample_scenes(100, seed=12, size=16, split="heldout")
+    acc = oracle_accuracy(Oracle(net, {"size": 16}), held)
+    assert acc["background_colour_accuracy"] > 0.6

@@ -1,0 +1,141 @@
+"""The miniature-model recipes: a smoke build end to end, exact resumption, the latent fold, atomic writes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+from PIL import Image
+from transformers import AutoImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from lambda_eclipse.miniworld.build import COMPONENTS, BuildConfig, build_components, main, smoke_config
+from lambda_eclipse.miniworld.clip_recipe import clip_loss, train_clip, trim_padding
+from lambda_eclipse.miniworld.data import clip_pixels, render_pool
+from lambda_eclipse.miniworld.movq_recipe import fold_latent_normalisation, make_movq, train_movq
+from lambda_eclipse.miniworld.training import atomic_dir
+from lambda_eclipse.miniworld.unet_recipe import train_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini")
+    build_components(out, smoke_config(), verify_steps=2)
+    return out
+
+
+def test_smoke_build_writes_loadable_components(built: Path) -> None:
+    comp = built / "components"
+    assert all((comp / name).is_dir() for name in COMPONENTS)
+    assert not any(p.name.startswith(".tmp") for p in comp.iterdir())
+    tok = CLIPTokenizer.from_pretrained(comp / "tokenizer")
+    text = CLIPTextModelWithProjection.from_pretrained(comp / "text_encoder")
+    assert text.config.eos_token_id == tok.eos_token_id != 2
+    assert (text.config.bos_token_id, text.config.pad_token_id) == (tok.bos_token_id, tok.pad_token_id)
+    vision = CLIPVisionModelWithProjection.from_pretrained(comp / "image_encoder")
+    processor = AutoImageProcessor.from_pretrained(comp / "image_processor")
+    pool = render_pool(2, seed=5, size=32)
+    pixels = processor(images=[Image.fromarray(im) for im in pool.images], return_tensors="pt").pixel_values
+    assert torch.allclose(pixels, clip_pixels(pool.images))  # training saw what the processor gives
+    with torch.no_grad():
+        emb = vision(pixel_values=pixels).image_embeds
+        neg = vision(pixel_values=torch.zeros(1, 3, 32, 32)).image_embeds.expand_as(emb)
+        ids = tok(["a red ball on a plain gray background"], return_tensors="pt").input_ids
+        assert text(input_ids=ids).text_embeds.shape == (1, emb.shape[1])
+    scheduler = DDPMScheduler.from_pretrained(comp / "scheduler")
+    assert scheduler.config.variance_type == "fixed_small" and scheduler.config.beta_end == 0.012
+    pipe = KandinskyV22Pipeline(
+        unet=UNet2DConditionModel.from_pretrained(comp / "unet"), scheduler=scheduler,
+        movq=VQModel.from_pretrained(comp / "movq"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(image_embeds=emb, negative_image_embeds=neg, height=32, width=32, num_inference_steps=2,
+                  guidance_scale=4.0, output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+    assert (built / "report.json").exists() and (built / "work" / "unet" / "samples.png").exists()
+
+
+def test_rerun_skips_complete_stages(built: Path, capsys) -> None:
+    stamp = {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}
+    build_components(built, smoke_config(), verify_steps=2)
+    assert stamp == {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}
+    assert capsys.readouterr().out.count("complete, skipped") == 3
+
+
+def test_cli_entry_point_smoke(tmp_path: Path) -> None:
+    main(["--out", str(tmp_path), "--smoke", "--unet-steps", "2"])
+    assert (tmp_path / "components" / "unet" / "config.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["clip", "movq", "unet"])
+def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
+    cfg = smoke_config()
+    pool = render_pool(40, seed=1, size=32)
+
+    def run(work: Path, stop_at: int | None):
+        if stage == "clip":
+            recipe = replace(cfg.clip, steps=4)
+            return train_clip(pool, work, recipe, seed=0, size=32, stop_at=stop_at)[0]
+        if stage == "movq":
+            return train_movq(pool, work, replace(cfg.movq, steps=4), seed=0, stop_at=stop_at)
+        g = torch.Generator().manual_seed(0)
+        lat, emb = torch.randn(40, 4, 8, 8, generator=g), torch.randn(40, 16, generator=g)
+        return train_unet(lat, emb, torch.zeros(1, 16), work, replace(cfg.unet, steps=4), seed=0, stop_at=stop_at)
+
+    straight = run(tmp_path / "a", None).state_dict()
+    run(tmp_path / "b", 2)  # "killed" after step 2, checkpoint left behind
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 2
+    resumed = run(tmp_path / "b", None).state_dict()
+    for k, v in straight.items():
+        assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
+
+
+def test_latent_fold_is_exact_and_normalises() -> None:
+    torch.manual_seed(0)
+    movq = make_movq(smoke_config().movq).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = movq.encode(x).latents
+        before = movq.decode(lat, force_not_quantize=True).sample
+        mean, std = lat.mean(dim=(0, 2, 3)), lat.std(dim=(0, 2, 3))
+        fold_latent_normalisation(movq, mean, std)
+        lat2 = movq.encode(x).latents
+        after = movq.decode(lat2, force_not_quantize=True).sample
+    assert torch.allclose(before, after, atol=1e-5)
+    assert torch.allclose(lat2.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(lat2.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+
+
+def test_clip_loss_counts_identical_texts_as_positives() -> None:
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    ids = torch.tensor([[0, 5, 1], [0, 5, 1], [0, 6, 1]])
+    scale = torch.tensor(4.6)
+    # images 0 and 1 share a text: a perfect model gives both the same embedding, and must not be penalised
+    perfect = torch.stack([emb[0], emb[0], emb[2]])
+    assert clip_loss(perfect, perfect, ids, scale) < clip_loss(perfect, perfect[[1, 2, 0]], ids, scale)
+    assert trim_padding(torch.tensor([[0, 7, 1, 1, 1], [0, 7, 8, 1, 1]]), eos_id=1).shape == (2, 4)
+
+
+def test_atomic_dir_keeps_old_folder_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "comp"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("killed")
+    assert (final / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["comp"]
+
+
+def test_shipped_config_parses_to_the_defaults() -> None:
+    data = yaml.safe_load((ROOT / "configs" / "miniworld.yaml").read_text())
+    assert BuildConfig.from_dict(data) == BuildConfig()
+    with pytest.raises(TypeError):
+        BuildConfig.from_dict({"unet": {"no_such_field": 1}})
