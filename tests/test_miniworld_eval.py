@@ -13,9 +13,16 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from lambda_eclipse.errors import UserError
 from lambda_eclipse.miniworld.evaluate import (
-    BUCKETS, CONDITIONS, EvalConfig, add_eval_arguments, eval_command, eval_scenes, run_miniworld_eval,
+    BUCKETS,
+    CONDITIONS,
+    EvalConfig,
+    add_eval_arguments,
+    eval_command,
+    eval_scenes,
+    run_miniworld_eval,
 )
-from lambda_eclipse.miniworld.oracle import load_oracle, train_oracle
+from lambda_eclipse.miniworld.oracle import load_oracle
+from lambda_eclipse.miniworld.oracle_train import train_oracle
 from lambda_eclipse.miniworld.vocab import miniworld_tokenizer
 
 CFG = EvalConfig(images_per_prompt=2, num_inference_steps=2, batch=8, grid_rows=4)

@@ -1,4 +1,4 @@
-"""The miniature-world concept oracle: network shapes, targets, scoring, training, save/load."""
+"""The miniature-world concept oracle: network shapes, targets, scoring, training, save/load, resume."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,18 @@ import torch
 from PIL import Image
 
 from lambda_eclipse.miniworld.oracle import (
-    CONFIG, WEIGHTS, Oracle, OracleNet, SceneReading, ShapeReading, augment, load_oracle, oracle_accuracy,
-    relation_from_centres, scene_targets, score_readings, train_oracle,
+    CONFIG,
+    WEIGHTS,
+    Oracle,
+    OracleNet,
+    SceneReading,
+    ShapeReading,
+    load_oracle,
+    oracle_accuracy,
+    relation_from_centres,
+    score_readings,
 )
+from lambda_eclipse.miniworld.oracle_train import augment, oracle_loss, scene_targets, train_oracle
 from lambda_eclipse.miniworld.scenes import sample_scenes
 from lambda_eclipse.miniworld.vocab import BG_COLOURS, BG_KINDS, COLOURS, SHAPES, TEXTURES
 
@@ -118,8 +127,6 @@ def test_load_refuses_a_non_oracle_folder(tmp_path):
 def test_a_short_run_learns_the_background():
     # 16 px and 150 steps take seconds; background colour is the easiest label, well above chance (0.2) by then
     torch.set_num_threads(1)
-    from lambda_eclipse.miniworld.oracle import oracle_loss
-
     torch.manual_seed(0)
     scenes = sample_scenes(400, seed=11, size=16)
     t = scene_targets(scenes)
@@ -136,3 +143,20 @@ def test_a_short_run_learns_the_background():
     held = sample_scenes(100, seed=12, size=16, split="heldout")
     acc = oracle_accuracy(Oracle(net, {"size": 16}), held)
     assert acc["background_colour_accuracy"] > 0.6
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
+    kw = {"size": 16, "steps": 6, "batch": 4, "scenes": 12, "eval_scenes": 0, "log_every": 0, "checkpoint_every": 2}
+    straight = load_oracle(train_oracle(tmp_path / "a", **kw))
+    train_oracle(tmp_path / "b", stop_at=3, **kw)
+    assert (tmp_path / "b" / ".ckpt.pt").is_file() and not (tmp_path / "b" / CONFIG).exists()
+    resumed = load_oracle(train_oracle(tmp_path / "b", **kw))
+    assert not (tmp_path / "b" / ".ckpt.pt").exists()
+    for k, v in straight.net.state_dict().items():
+        assert torch.allclose(v, resumed.net.state_dict()[k], atol=1e-6), k
+
+
+def test_training_names_are_reachable_from_the_oracle_module():
+    from lambda_eclipse.miniworld import oracle
+
+    assert oracle.train_oracle is train_oracle

@@ -28,12 +28,12 @@ def store(tmp_path_factory):
     return path
 
 
-def tiny_config(store, out, **top):
+def tiny_config(store, out, extra=(), **top):
     overrides = [
         f"data.train_dir={store}", "data.batch_size=16", "data.val_samples=32", "data.num_workers=0",
         "model.num_attention_heads=2", "model.attention_head_dim=8", "model.num_layers=1", "model.embedding_dim=32",
         "model.num_embeddings=77", "optim.lr=3e-3", "optim.warmup_steps=2", "optim.ema_decay=0.9",
-        "mixed_precision=no", "log_with=none", "progress=false", "val_every=4", "log_every=2",
+        "mixed_precision=no", "log_with=none", "progress=false", "val_every=4", "log_every=2", *extra,
     ]
     return load_config(None, overrides, output_dir=str(out), **top)
 
@@ -114,13 +114,18 @@ def _val_losses(run: Path) -> tuple[float, float]:
     return values[0], values[-1]
 
 
-def test_interrupted_run_resumes_bitwise(store, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_interrupted_run_resumes_bitwise(store, tmp_path, streaming):
+    def config(out):
+        extra = [f"data.streaming={streaming}"] + ([f"data.val_dir={store}"] if streaming else [])
+        return tiny_config(store, out, extra, max_steps=8, checkpoint_every=3)
+
     full = tmp_path / "full"
-    train_prior(tiny_config(store, full, max_steps=8, checkpoint_every=3))
+    train_prior(config(full))
     parts = tmp_path / "parts"
-    train_prior(tiny_config(store, parts, max_steps=8, checkpoint_every=3), stop_after=4)
+    train_prior(config(parts), stop_after=4)
     assert not (parts / "prior").exists()  # an interrupted run exports nothing
-    train_prior(tiny_config(store, parts, max_steps=8, checkpoint_every=3))
+    train_prior(config(parts))
     a, b = weights(full), weights(parts)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -248,7 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-text-len", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_features_synth_command)
+    world = commands.add_parser("miniworld", help="the miniature world: build the offline model family, evaluate").add_subparsers(
+        dest="miniworld_command", required=True, parser_class=_Parser)
+    build = world.add_parser("build", help="train the whole miniature family (resumes when rerun)")
+    build.add_argument("--out", default="runs/miniworld", help="work folder (default runs/miniworld)")
+    build.add_argument("--install", help="also write the finished bundle here (the repo ships it as models/miniworld)")
+    build.add_argument("--smoke", action="store_true", help="a minutes-long reduced build that checks the chain")
+    build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    build.set_defaults(func=_miniworld_build_command)
+    evaluate = world.add_parser("eval", help="generate on held-out instances and prompts and score them")
+    _add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_miniworld_eval_command)
     return parser
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .miniworld.evaluate import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _miniworld_build_command(ns: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .miniworld.bundle import MiniworldBuild, build_miniworld
+
+    plan = MiniworldBuild.smoke() if ns.smoke else MiniworldBuild()
+    print(build_miniworld(ns.out, replace(plan, threads=ns.threads), install=ns.install))
+
+
+def _miniworld_eval_command(ns: argparse.Namespace) -> None:
+    from .miniworld.evaluate import eval_command
+
+    eval_command(ns)
 
 
 def _train_prior_command(ns: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ class MiniworldBuild:
     prior_overrides: tuple[str, ...] = ()
     sweep: bool = True
     oracle_steps: int = 3000
+    oracle_scenes: int = 30000
     threads: int = 2
     smoke_components: bool = False
 
@@ -39,7 +40,7 @@ class MiniworldBuild:
             features=FeatureRecipe(train_scenes=256, val_scenes=64, batch=64),
             prior_overrides=("max_steps=6", "checkpoint_every=3", "val_every=3", "data.batch_size=32",
                              "model.num_layers=1", "model.num_attention_heads=2", "progress=false"),
-            sweep=False, oracle_steps=5, smoke_components=True,
+            sweep=False, oracle_steps=5, oracle_scenes=128, smoke_components=True,
         )
 
 
@@ -104,13 +105,24 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     val = write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", size, plan.features)
     priors = {}
     for lam in SWEEP_LAMBDAS if plan.sweep else (SHIPPED_LAMBDA,):
+        run = out / "priors" / f"lambda-{lam}"
+        if (run / "prior" / "config.json").is_file():
+            priors[lam] = run / "prior"
+            continue
         log(f"training the prior with λ={lam}")
-        priors[lam] = train_miniworld_prior(train, val, out / "priors" / f"lambda-{lam}", lam, plan.prior_overrides)
-    log("training the oracle")
-    train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=plan.threads)
+        priors[lam] = train_miniworld_prior(train, val, run, lam, plan.prior_overrides)
+    if not (out / "oracle" / "oracle.json").is_file():
+        log("training the oracle")
+        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=plan.threads,
+                     scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=components / "movq")
     bundle = assemble_bundle(components, priors[SHIPPED_LAMBDA], out / "bundle")
     log(f"bundle written to {bundle}")
     if install is not None:
-        assemble_bundle(components, priors[SHIPPED_LAMBDA], Path(install))
+        install = Path(install)
+        temporary = install.with_name(f".tmp-{install.name}")
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.copytree(bundle, temporary)
+        shutil.rmtree(install, ignore_errors=True)
+        os.replace(temporary, install)
         log(f"installed to {install}")
     return bundle

@@ -25,7 +25,8 @@ class ScenePool:
     """N scenes and their M subject crops.
 
     images: (N, S, S, 3) uint8; captions_full / captions_free: N strings; crops: (M, S, S, 3) uint8;
-    crop_texts: M strings "a {colour} {texture} {shape}"; crop_scene: (M,) int64, the scene of each crop.
+    crop_texts: M strings "a {colour} {texture} {shape}"; crop_scene: (M,) int64, the scene of each crop;
+    object_masks: (N, S, S) bool, the union of each scene's object masks.
     """
 
     images: np.ndarray
@@ -34,6 +35,7 @@ class ScenePool:
     crops: np.ndarray
     crop_texts: list[str]
     crop_scene: np.ndarray
+    object_masks: np.ndarray
 
     def __len__(self) -> int:
         return len(self.images)
@@ -41,9 +43,10 @@ class ScenePool:
 
 def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePool:
     """Render scenes 0..n-1 of stream ``seed`` (crops at the image size)."""
-    images, full, free, crops, crop_texts, crop_scene = [], [], [], [], [], []
+    images, full, free, crops, crop_texts, crop_scene, masks = [], [], [], [], [], [], []
     for i, scene in zip(range(n), iter_scenes(seed, size, split)):
         images.append(scene.image)
+        masks.append(np.any([o.mask for o in scene.objects], axis=0))
         full.append(scene.captions["full"])
         free.append(scene.captions["appearance_free"])
         for obj in scene.objects:
@@ -51,7 +54,8 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePo
             crop_texts.append(f"a {obj.colour} {obj.texture} {obj.shape}")
             crop_scene.append(i)
     return ScenePool(
-        np.stack(images), full, free, np.stack(crops), crop_texts, np.asarray(crop_scene, dtype=np.int64)
+        np.stack(images), full, free, np.stack(crops), crop_texts, np.asarray(crop_scene, dtype=np.int64),
+        np.stack(masks),
     )
 
 
@@ -61,10 +65,10 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     key = np.asarray([n, seed, size, 0 if split == "train" else 1])
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            if np.array_equal(z["key"], key):
+            if np.array_equal(z["key"], key) and "object_masks" in z:
                 return ScenePool(
                     z["images"], list(z["captions_full"]), list(z["captions_free"]), z["crops"],
-                    list(z["crop_texts"]), z["crop_scene"],
+                    list(z["crop_texts"]), z["crop_scene"], z["object_masks"],
                 )
     pool = render_pool(n, seed, size, split)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +76,7 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     np.savez(
         tmp, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),
         captions_free=np.asarray(pool.captions_free), crops=pool.crops,
-        crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene,
+        crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, object_masks=pool.object_masks,
     )
     os.replace(tmp, path)
     return pool

@@ -244,6 +244,8 @@ def run_miniworld_eval(
         oracle = oracle_path if isinstance(oracle_path, Oracle) else load_oracle(oracle_path)
         if not pipe.prior.has_control:
             raise UserError("this model's prior is text-only; the evaluation needs a λ-ECLIPSE prior")
+        if pipe.unet is None or pipe.movq is None or pipe.scheduler is None:
+            raise UserError("this model has no decoder (unet/scheduler/movq); the evaluation renders images")
         metrics, images, scenes = _evaluate(pipe, oracle, cfg, priors or {})
     finally:
         torch.set_num_threads(previous_threads)

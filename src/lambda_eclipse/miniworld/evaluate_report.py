@@ -14,6 +14,8 @@ CONDITION_LABELS = {
     "render": "render (judge ceiling)", "gt_embedding": "GT embedding (decoder)", "text_only": "text only",
     "with_subjects": "with subjects", "image_only": "image only",
 }
+GRID_LABELS = {"render": "render", "gt_embedding": "GT embedding", "text_only": "text only",
+               "with_subjects": "with subjects", "image_only": "image only"}
 CONCEPT = {
     "subject_found": "subject's shape found",
     "colour": "colour right (found & colour)",
@@ -56,11 +58,11 @@ def write_markdown(metrics: dict) -> str:
     by = metrics["prompts_by_subjects"]
     lines = [
         "# Miniature-world evaluation", "",
-        f"{metrics['num_prompts']} held-out prompts ({by['1']} / {by['2']} / {by['3']} with 1 / 2 / 3 subjects), "
-        f"{cfg['images_per_prompt']} images each = {metrics['images_per_condition']} images per condition; "
-        f"{cfg['scheduler'].upper()} {cfg['num_inference_steps']} steps, guidance {cfg['guidance_scale']}, "
-        f"{cfg['size']} px, seed {cfg['seed']}. Prompts are appearance-free, so colour and texture can only come "
-        "from the subject images. Cells: value (number of items).", "",
+        (f"{metrics['num_prompts']} held-out prompts ({by['1']} / {by['2']} / {by['3']} with 1 / 2 / 3 subjects), "
+         f"{cfg['images_per_prompt']} images each = {metrics['images_per_condition']} images per condition; "
+         f"{cfg['scheduler'].upper()} {cfg['num_inference_steps']} steps, guidance {cfg['guidance_scale']}, "
+         f"{cfg['size']} px, seed {cfg['seed']}. Prompts are appearance-free, so colour and texture can only come "
+         "from the subject images. Cells: value (number of items)."), "",
         "† DINO-like: cosine of the tiny CLIP vision encoder's unprojected pooled CLS state (no DINO model offline).",
         "Image only: the mean of the subject crops' CLIP embeddings decoded directly (no prompt).", "",
     ]
@@ -99,8 +101,9 @@ def write_markdown(metrics: dict) -> str:
                   for label, s in sweep.items()]
         lines.append("")
     t = metrics["timing"]
-    lines += ["## Timing", "", f"{t['images_decoded']} images decoded in {t['total_s']:.1f} s on {t['threads']} "
-              f"thread(s): {t['seconds_per_100_images']:.1f} s per 100 images (prior, decoder, CLIP and oracle included).", ""]
+    lines += ["## Timing", "", (f"{t['images_decoded']} images decoded in {t['total_s']:.1f} s on {t['threads']} "
+                                f"thread(s): {t['seconds_per_100_images']:.1f} s per 100 images "
+                                "(prior, decoder, CLIP and oracle included)."), ""]
     return "\n".join(lines)
 
 
@@ -117,7 +120,8 @@ def write_grid(path: str | os.PathLike, scenes: list[Scene], images: dict[str, n
     canvas = Image.new("RGB", ((len(columns) + 1) * (t + 4) + text_w, header + rows * (t + 4)), "white")
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(columns + ["subjects"]):
-        draw.text((c * (t + 4) + 2, 1), CONDITION_LABELS.get(name, name)[: t // 6], fill="black")
+        draw.text((c * (t + 4) + 2, 1), GRID_LABELS.get(name, name.replace("with_subjects ", ""))[: t // 6],
+                  fill="black")
     for r in range(rows):
         y = header + r * (t + 4)
         for c, name in enumerate(columns):

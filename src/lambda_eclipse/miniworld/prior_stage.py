@@ -78,10 +78,11 @@ def train_miniworld_prior(train_dir: Path, val_dir: Path, out_dir: Path, lambda_
     """Train one prior with `train-prior` on the miniature features; returns its exported ``prior/`` folder."""
     from ..train import load_config, train_prior
 
+    index = read_index(train_dir)  # the prior's widths follow the encoders that made the features
     config = load_config(
         CONFIG,
         [f"data.train_dir={train_dir}", f"data.val_dir={val_dir}", f"loss.lambda_contrastive={lambda_contrastive}",
-         *overrides],
+         f"model.embedding_dim={index.dim}", f"model.num_embeddings={index.max_text_len}", *overrides],
         output_dir=str(out_dir),
     )
     return train_prior(config) / "prior"

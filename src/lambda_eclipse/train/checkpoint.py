@@ -25,19 +25,23 @@ CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 class RunState:
     """What changes as a run goes: the optimizer step, the data position and the trainer's CPU generator.
 
-    ``data_position`` counts global micro-batches consumed (see :class:`~lambda_eclipse.train.data.ResumableBatchSampler`).
+    ``data_position`` counts global micro-batches consumed (see :class:`~lambda_eclipse.train.data.ResumableBatchSampler`);
+    with a streaming reader, ``stream_position`` is the stream's own position after the last batch consumed.
     """
 
     step: int = 0
     data_position: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
+    stream_position: dict[str, int] | None = None  # FeatureStream.state_dict() when streaming
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data_position": self.data_position, "generator": self.generator.get_state()}
+        return {"step": self.step, "data_position": self.data_position, "generator": self.generator.get_state(),
+                "stream_position": self.stream_position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.data_position = int(state["step"]), int(state["data_position"])
         self.generator.set_state(state["generator"])
+        self.stream_position = state.get("stream_position")
 
 
 def checkpoint_dir(output_dir: Path) -> Path:

@@ -28,10 +28,11 @@ class DataConfig:
     """Where the features come from and how they are batched."""
 
     train_dir: str = _f("", "feature store folder to train on (written by the dataset builder or `features synth`)")
-    val_dir: str = _f("", "feature store folder to validate on; empty: hold out `val_samples` of train_dir")
+    val_dir: str = _f("", "feature store to validate on; empty: hold out `val_samples` of train_dir (map-style only)")
     val_samples: int = _f(256, "samples held out of train_dir for validation when val_dir is empty")
     batch_size: int = _f(512, "samples per GPU per micro-batch (paper: 512 on each of 2 GPUs)")
     num_workers: int = _f(2, "DataLoader worker processes per rank")
+    streaming: bool = _f(False, "read shards as a shuffled stream (FeatureStream; use at scale) instead of random access")
     subject_drop_prob: float = _f(0.0, "probability of leaving a subject's word as text (trains text-only use too)")
 
 

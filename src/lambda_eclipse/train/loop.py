@@ -37,8 +37,9 @@ def _open_stores(config: TrainConfig):
         raise UserError("data.train_dir is empty; set it to a feature store, e.g. data.train_dir=runs/debug-features")
     train = FeatureDataset(config.data.train_dir)
     all_indices = list(range(len(train)))
-    if config.data.val_dir:
-        val, val_indices, train_indices = FeatureDataset(config.data.val_dir), None, all_indices
+    if config.data.val_dir or config.data.streaming:
+        val = FeatureDataset(config.data.val_dir) if config.data.val_dir else None
+        val_indices, train_indices = None, all_indices
     else:
         held = min(config.data.val_samples, len(train) // 5)
         val, val_indices, train_indices = train, all_indices[len(train) - held :], all_indices[: len(train) - held]
@@ -101,8 +102,6 @@ def train_prior(config: TrainConfig, stop_after: int | None = None) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ..features import collate_features
-
     out = Path(config.output_dir)
     trackers = None if config.log_with == "none" else config.log_with
     accelerator = Accelerator(
@@ -137,27 +136,13 @@ def train_prior(config: TrainConfig, stop_after: int | None = None) -> Path:
         accelerator.print(f"resumed from {checkpoints[-1]} at step {state.step}")
     zero_image = zero_image.to(accelerator.device)
 
-    collate = functools.partial(collate_features, max_text_len=config.model.num_embeddings)
-    sampler = ResumableBatchSampler(
-        train_indices, config.data.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
-        start=state.data_position,
-    )
-    loader = torch.utils.data.DataLoader(
-        train, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers,
-        persistent_workers=config.data.num_workers > 0,
-    )
-    val_loader = None
-    if config.val_every and (val_indices is None or len(val_indices) >= 2):
-        subset = val if val_indices is None else torch.utils.data.Subset(val, val_indices)
-        val_loader = torch.utils.data.DataLoader(
-            subset, batch_size=min(config.data.batch_size, len(subset)), collate_fn=collate, drop_last=True
-        )
+    batches = _train_batches(config, train, train_indices, state, accelerator)
+    val_loader = _val_loader(config, val, val_indices)
     if trackers and accelerator.is_main_process:
         flat = {f"{s}.{k}": str(v) for s, sec in resolved.items() if isinstance(sec, dict) for k, v in sec.items()}
         accelerator.init_trackers("prior", config=flat)
 
     unwrapped = accelerator.unwrap_model(model)
-    batches = iter(loader)
     accum = config.optim.grad_accum_steps
     last = min(config.max_steps, state.step + stop_after) if stop_after is not None else config.max_steps
     bar = tqdm(total=config.max_steps, initial=state.step, disable=not (config.progress and accelerator.is_main_process),
@@ -165,7 +150,10 @@ def train_prior(config: TrainConfig, stop_after: int | None = None) -> Path:
     model.train()
     while state.step < last:
         for micro in range(accum):
-            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+            batch = next(batches)
+            if config.data.streaming:
+                state.stream_position = batches.stream.state_dict(after=batch)
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 losses, _ = prior_step_losses(
@@ -201,6 +189,66 @@ def train_prior(config: TrainConfig, stop_after: int | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+class _StreamBatches:
+    """Endless iterator over a FeatureStream, epoch after epoch (a fresh DataLoader per epoch, as it requires)."""
+
+    def __init__(self, stream, num_workers: int) -> None:
+        self.stream, self.num_workers, self._it = stream, num_workers, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+                self._it = iter(loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self.stream.set_epoch(self.stream.epoch + 1)
+
+
+def _train_batches(config: TrainConfig, train, train_indices, state: RunState, accelerator):
+    """The endless stream of this rank's training micro-batches, starting at the run state's data position."""
+    from ..features import FeatureStream, collate_features
+
+    if config.data.streaming:
+        stream = FeatureStream(
+            config.data.train_dir, config.data.batch_size, config.data.num_workers, accelerator.process_index,
+            accelerator.num_processes, seed=config.seed,
+        )
+        if state.stream_position is not None:
+            stream.load_state_dict(state.stream_position)
+        return _StreamBatches(stream, config.data.num_workers)
+    sampler = ResumableBatchSampler(
+        train_indices, config.data.batch_size, config.seed, accelerator.process_index, accelerator.num_processes,
+        start=state.data_position,
+    )
+    loader = torch.utils.data.DataLoader(
+        train, batch_sampler=sampler, num_workers=config.data.num_workers,
+        collate_fn=functools.partial(collate_features, max_text_len=config.model.num_embeddings),
+        persistent_workers=config.data.num_workers > 0,
+    )
+    return iter(loader)
+
+
+def _val_loader(config: TrainConfig, val, val_indices):
+    """Validation batches (no shuffling); None when validation is off or there is nothing to validate on."""
+    from ..features import collate_features
+
+    if not config.val_every or (val_indices is not None and len(val_indices) < 2):
+        return None
+    if config.data.streaming and not config.data.val_dir:
+        return None  # a stream cannot hold samples out; validation needs data.val_dir
+    subset = val if val_indices is None else torch.utils.data.Subset(val, val_indices)
+    return torch.utils.data.DataLoader(
+        subset, batch_size=min(config.data.batch_size, len(subset)), drop_last=True,
+        collate_fn=functools.partial(collate_features, max_text_len=config.model.num_embeddings),
+    )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,36 @@
+"""The whole miniature chain, reduced: build (components, features, prior via train-prior, oracle, bundle), then
+eval and generate on the bundle through the same commands users run."""
+
+import json
+
+from lambda_eclipse import LambdaEclipsePipeline
+from lambda_eclipse.cli import main
+
+
+def test_reduced_build_eval_and_generate(tmp_path):
+    out = tmp_path / "mw"
+    assert main(["miniworld", "build", "--smoke", "--out", str(out), "--install", str(tmp_path / "installed")]) == 0
+    bundle = out / "bundle"
+    for part in ["prior", "text_encoder", "tokenizer", "image_encoder", "image_processor", "unet", "scheduler", "movq"]:
+        assert (bundle / part).is_dir(), part
+    pipe = LambdaEclipsePipeline.from_pretrained(tmp_path / "installed")
+    assert pipe.prior.config.embedding_dim == pipe.image_encoder.config.projection_dim
+    # Rerunning resumes: every stage is complete and skipped.
+    assert main(["miniworld", "build", "--smoke", "--out", str(out)]) == 0
+
+    assert main(["miniworld", "eval", "--model", str(bundle), "--oracle", str(out / "oracle"), "--out",
+                 str(tmp_path / "eval"), "--num-prompts", "4", "--steps", "2", "--images-per-prompt", "1"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics and (tmp_path / "eval" / "grid.png").stat().st_size > 0
+    assert "|" in (tmp_path / "eval" / "metrics.md").read_text()
+
+    crop = tmp_path / "ball.png"
+    from lambda_eclipse.miniworld import render_scene
+    from PIL import Image
+
+    scene = render_scene(3)
+    Image.fromarray(scene.objects[0].crop).save(crop)
+    word = scene.objects[0].noun
+    assert main(["generate", f"a {word} on a plain red background", "--subject", f"{word}={crop}", "--model",
+                 str(bundle), "--out", str(tmp_path / "gen"), "--steps", "2", "--quiet"]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 1
