@@ -102,6 +102,7 @@ def test_cli_entry_loads_a_saved_model(world_pipe, oracle_dir, tmp_path):
                             str(tmp_path / "out"), "--num-prompts", "3", "--images-per-prompt", "1", "--steps", "2"])
     m = eval_command(ns)
     assert m["images_per_condition"] == 3 and (tmp_path / "out" / "metrics.md").is_file()
+    assert m["oracle_movq_matches"] is None  # this oracle trained without MoVQ reconstructions
     ns.prior = ["no-equals-sign"]
     with pytest.raises(UserError):
         eval_command(ns)

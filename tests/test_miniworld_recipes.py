@@ -96,6 +96,17 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
 
 
+def test_v_prediction_variant_saves_its_scheduler(tmp_path: Path) -> None:
+    cfg = smoke_config()
+    cfg = replace(cfg, unet=replace(cfg.unet, prediction_type="v_prediction"))
+    comp = build_components(tmp_path, cfg, verify_steps=2)
+    scheduler = DDPMScheduler.from_pretrained(comp / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_start == 0.00085
+    with pytest.raises(ValueError):
+        train_unet(torch.zeros(2, 4, 8, 8), torch.zeros(2, 8), torch.zeros(1, 8), tmp_path / "x",
+                   replace(cfg.unet, prediction_type="sample"), seed=0)
+
+
 def test_latent_fold_is_exact_and_normalises() -> None:
     torch.manual_seed(0)
     movq = make_movq(smoke_config().movq).eval()

@@ -31,7 +31,7 @@ COMPONENTS = CLIP_COMPONENTS + ("movq", "unet", "scheduler")
 class BuildConfig:
     """Everything that decides the built components (same config + seed → same training runs)."""
 
-    size: int = 32  # image side in px; the MoVQ maps it to size/4 latents
+    size: int = 32  # image side in px; the MoVQ maps it to size/2 latents
     seed: int = 0
     threads: int = 1  # torch CPU threads
     scenes: int = 50000  # training pool (rendered once, cached under work/)
@@ -62,7 +62,7 @@ def smoke_config(size: int = 32) -> BuildConfig:
         size=size, scenes=200, heldout_scenes=32, verify_n=4,
         clip=ClipRecipe(steps=3, batch_scenes=16, batch_crops=8, hidden=32, layers=1, heads=2,
                         projection_dim=32, warmup=1),
-        movq=MoVQRecipe(steps=3, batch=8, block_out_channels=(32, 32, 32), warmup=1),
+        movq=MoVQRecipe(steps=3, batch=8, block_out_channels=(32, 32), warmup=1),
         unet=UNetRecipe(steps=3, batch=8, block_out_channels=(32, 32), cross_attention_dim=32, warmup=1),
     )
 

@@ -3,7 +3,8 @@
 Stages (each skipped when its output is complete, each resumable after a kill):
   components  tiny CLIP, MoVQ and Kandinsky-2.2-style UNet          (:mod:`.build`)
   features    train and held-out feature stores through the feature store (:mod:`.prior_stage`)
-  priors      λ = 0.2 (shipped), and λ = 0 and 0.5 for the sweep, with `train-prior`
+  priors      the shipped prior (λ = 0.2, configs/prior-miniworld.yaml), and for the λ sweep three shorter
+              priors of one recipe (λ = 0, 0.2, 0.5; `sweep_overrides`), all with `train-prior`
   oracle      the concept judge for `miniworld eval`                 (:mod:`.oracle`)
   bundle      one diffusers-style folder that LambdaEclipsePipeline.from_pretrained loads
 """
@@ -29,7 +30,9 @@ class MiniworldBuild:
     features: FeatureRecipe = field(default_factory=FeatureRecipe)
     prior_overrides: tuple[str, ...] = ()
     sweep: bool = True
-    oracle_steps: int = 3000
+    # The sweep's priors are shorter than the shipped one so that the whole build fits its 2-hour CPU budget.
+    sweep_overrides: tuple[str, ...] = ("max_steps=1000", "checkpoint_every=250", "val_every=250")
+    oracle_steps: int = 6000
     oracle_scenes: int = 30000
     threads: int = 2
     smoke_components: bool = False
@@ -103,19 +106,22 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     log("components ready; encoding features")
     train = write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", size, plan.features)
     val = write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", size, plan.features)
+    runs = {("shipped", SHIPPED_LAMBDA): plan.prior_overrides}
+    if plan.sweep:
+        runs.update({("sweep", lam): plan.prior_overrides + plan.sweep_overrides for lam in SWEEP_LAMBDAS})
     priors = {}
-    for lam in SWEEP_LAMBDAS if plan.sweep else (SHIPPED_LAMBDA,):
-        run = out / "priors" / f"lambda-{lam}"
+    for (kind, lam), overrides in runs.items():
+        run = out / "priors" / (f"lambda-{lam}" if kind == "shipped" else f"sweep-lambda-{lam}")
         if (run / "prior" / "config.json").is_file():
-            priors[lam] = run / "prior"
+            priors[kind, lam] = run / "prior"
             continue
-        log(f"training the prior with λ={lam}")
-        priors[lam] = train_miniworld_prior(train, val, run, lam, plan.prior_overrides)
+        log(f"training the {kind} prior with λ={lam}")
+        priors[kind, lam] = train_miniworld_prior(train, val, run, lam, overrides)
     if not (out / "oracle" / "oracle.json").is_file():
         log("training the oracle")
         train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=plan.threads,
                      scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=components / "movq")
-    bundle = assemble_bundle(components, priors[SHIPPED_LAMBDA], out / "bundle")
+    bundle = assemble_bundle(components, priors["shipped", SHIPPED_LAMBDA], out / "bundle")
     log(f"bundle written to {bundle}")
     if install is not None:
         install = Path(install)

@@ -251,6 +251,7 @@ def run_miniworld_eval(
         torch.set_num_threads(previous_threads)
     metrics["model"] = str(model_dir) if isinstance(model_dir, (str, os.PathLike)) else type(model_dir).__name__
     metrics["oracle"] = str(oracle_path) if isinstance(oracle_path, (str, os.PathLike)) else "in-memory"
+    metrics["oracle_movq_matches"] = _oracle_movq_matches(model_dir, oracle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False)),
@@ -260,6 +261,17 @@ def run_miniworld_eval(
         os.replace(tmp, out / name)
     write_grid(out / "grid.png", scenes, images, cfg.images_per_prompt, cfg.grid_rows)
     return metrics
+
+
+def _oracle_movq_matches(model_dir, oracle: Oracle) -> bool | None:
+    """Whether the oracle was trained on reconstructions of this model's MoVQ (None: cannot tell). A False means
+    the MoVQ was retrained since: retrain the oracle, or the judge sees images unlike its training data."""
+    from .oracle_train import weights_fingerprint
+
+    trained_on = oracle.config.get("train", {}).get("movq_sha256")
+    if not isinstance(model_dir, (str, os.PathLike)) or not trained_on or not (Path(model_dir) / "movq").is_dir():
+        return None
+    return weights_fingerprint(Path(model_dir) / "movq") == trained_on
 
 
 def _evaluate(pipe, oracle: Oracle, cfg: EvalConfig, priors: dict) -> tuple[dict, dict[str, np.ndarray], list[Scene]]:

@@ -66,6 +66,8 @@ def write_markdown(metrics: dict) -> str:
         "† DINO-like: cosine of the tiny CLIP vision encoder's unprojected pooled CLS state (no DINO model offline).",
         "Image only: the mean of the subject crops' CLIP embeddings decoded directly (no prompt).", "",
     ]
+    if metrics.get("oracle_movq_matches") is False:
+        lines += ["**Warning:** the oracle was trained on another MoVQ's reconstructions; retrain it for this model.", ""]
     for title, rows in (("Concept alignment", CONCEPT), ("Composition alignment", COMPOSITION)):
         lines += [f"## {title}", "", "| metric | " + " | ".join(CONDITION_LABELS[c] for c in names) + " |",
                   "|---|" + "---|" * len(names)]

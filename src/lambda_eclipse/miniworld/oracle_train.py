@@ -111,7 +111,7 @@ def movq_reconstruct(images: np.ndarray, movq_dir: str | os.PathLike, batch: int
     return np.concatenate(out)
 
 
-def _fingerprint(folder: str | os.PathLike | None) -> str | None:
+def weights_fingerprint(folder: str | os.PathLike | None) -> str | None:
     """First 16 hex digits of the SHA-256 of a model folder's weights: shows when the MoVQ was retrained since."""
     import hashlib
 
@@ -195,7 +195,7 @@ def train_oracle(
         "textures": list(TEXTURES), "sizes": list(SIZES), "bg_colours": list(BG_COLOUR_NAMES),
         "bg_kinds": list(BG_KINDS), "parameters": sum(p.numel() for p in net.parameters()),
         "train": {"steps": steps, "batch": batch, "seed": seed, "scenes": scenes, "lr": lr,
-                  "reserved_share": reserved_share, "movq": None if movq_dir is None else str(movq_dir), "movq_sha256": _fingerprint(movq_dir),
+                  "reserved_share": reserved_share, "movq": None if movq_dir is None else str(movq_dir), "movq_sha256": weights_fingerprint(movq_dir),
                   "prep_seconds": round(prep_s, 1), "seconds": round(time.monotonic() - start, 1)},
     }
     metrics: dict[str, dict] = {}
@@ -210,6 +210,7 @@ def train_oracle(
     out.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / f".tmp-{tag}-{WEIGHTS}"))
+    os.chmod(out / f".tmp-{tag}-{WEIGHTS}", 0o644)  # safetensors writes 0600; the folder is meant to be shared
     os.replace(out / f".tmp-{tag}-{WEIGHTS}", out / WEIGHTS)
     (out / f".tmp-{tag}-{CONFIG}").write_text(json.dumps(config, indent=2))
     os.replace(out / f".tmp-{tag}-{CONFIG}", out / CONFIG)  # written last: its presence means the folder is whole

@@ -1,5 +1,5 @@
-"""Recipe 3: a tiny Kandinsky-2.2-wired UNet, trained with ε-prediction on MoVQ latents, conditioned on the
-tiny CLIP's image embedding of the same scene (10% dropped to the zero-image embedding, the CFG negative).
+"""Recipe 3: a tiny Kandinsky-2.2-wired UNet, trained on MoVQ latents (v-prediction by default), conditioned
+on the tiny CLIP's image embedding of the same scene (10% dropped to the zero-image embedding, the CFG negative).
 
 The saved ``unet/`` + ``scheduler/`` + ``movq/`` load into ``diffusers.KandinskyV22Pipeline`` unchanged.
 """
@@ -34,26 +34,31 @@ KANDINSKY22_SCHEDULER = {
 channels are split off and ignored by the pipeline)."""
 
 
-def kandinsky_scheduler() -> DDPMScheduler:
-    return DDPMScheduler.from_config(KANDINSKY22_SCHEDULER)
+def kandinsky_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """The K2.2 decoder scheduler; ``prediction_type`` other than epsilon is a deliberate departure."""
+    return DDPMScheduler.from_config({**KANDINSKY22_SCHEDULER, "prediction_type": prediction_type})
 
 
 @dataclass(frozen=True)
 class UNetRecipe:
     """Tiny K2.2 UNet: model shape and training schedule."""
 
-    steps: int = 12000
-    batch: int = 64
-    lr: float = 5e-4
+    steps: int = 9000
+    batch: int = 32
+    lr: float = 4e-4
     warmup: int = 200
-    # 64 channels already at full latent resolution: that is where silhouettes are decided
-    block_out_channels: tuple[int, ...] = (64, 64, 128)
+    # three levels on 16x16 latents (16 -> 8 -> 4); attention only on the two coarser ones
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     cross_attention_dim: int = 64
     attention_head_dim: int = 32
     cond_dropout: float = 0.1
     ema_decay: float = 0.999
     snr_gamma: float = 5.0  # Min-SNR loss weighting: faster convergence for short runs
+    # K2.2 ships "epsilon"; measured on this stack, ε-prediction left colours and backgrounds wrong after
+    # 9,000 steps (held-out render retrieval 0.14) while v-prediction got them right after 1,500 (0.92 at
+    # guidance 1). The choice is saved in scheduler/ and the unchanged pipeline follows it.
+    prediction_type: str = "v_prediction"
 
 
 def make_unet(recipe: UNetRecipe, embed_dim: int, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
@@ -112,10 +117,13 @@ def train_unet(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-    sched = kandinsky_scheduler()
-    alphas = sched.alphas_cumprod.float()  # (1000,)
+    if recipe.prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be epsilon or v_prediction, not {recipe.prediction_type!r}")
+    alphas = kandinsky_scheduler().alphas_cumprod.float()  # (1000,)
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=recipe.snr_gamma) / snr  # Min-SNR-γ for ε-prediction
+    # Min-SNR-γ: min(snr, γ)/snr on the ε loss, min(snr, γ)/(snr + 1) on the v loss
+    v_pred = recipe.prediction_type == "v_prediction"
+    weight = torch.clamp(snr, max=recipe.snr_gamma) / (snr + 1 if v_pred else snr)
     c = latents.shape[1]
     ckpt = Checkpointer(ckpt_path, recipe.steps, every=1000)
     state_fn = lambda: {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
@@ -132,8 +140,9 @@ def train_unet(
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
         set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if v_pred else eps
         pred = unet(noisy, t, None, added_cond_kwargs={"image_embeds": cond}).sample[:, :c]
-        loss = (weight[t] * F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -153,12 +162,12 @@ def train_unet(
 @torch.no_grad()
 def verify_decoder(
     unet: UNet2DConditionModel, movq: VQModel, image_encoder: CLIPVisionModelWithProjection, images: np.ndarray,
-    size: int, steps: int = 50, guidance: float = 4.0, seed: int = 0,
+    size: int, steps: int = 50, guidance: float = 4.0, seed: int = 0, scheduler: DDPMScheduler | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Render ``images`` (N, S, S, 3) back from their CLIP embeddings through the unchanged
     KandinskyV22Pipeline and score it: the share of renders whose CLIP embedding is nearest to their own
     source among the N (chance 1/N). Returns (metrics, generated uint8 (N, S, S, 3))."""
-    pipe = KandinskyV22Pipeline(unet=unet, scheduler=kandinsky_scheduler(), movq=movq)
+    pipe = KandinskyV22Pipeline(unet=unet, scheduler=scheduler or kandinsky_scheduler(), movq=movq)
     pipe.set_progress_bar_config(disable=True)
     emb = image_encoder(pixel_values=clip_pixels(images)).image_embeds
     neg = zero_image_embedding(image_encoder, size).expand_as(emb)
@@ -195,11 +204,18 @@ def run_unet_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
     with atomic_dir(Path(components) / "unet") as tmp:
         unet.save_pretrained(tmp)
     with atomic_dir(Path(components) / "scheduler") as tmp:
-        kandinsky_scheduler().save_pretrained(tmp)
+        kandinsky_scheduler(recipe.prediction_type).save_pretrained(tmp)
     images = heldout.images[:verify_n]
-    metrics, gen = verify_decoder(unet, movq, image_encoder, images, size, steps=verify_steps, seed=seed)
-    k = min(16, len(images))
-    grid = np.concatenate([np.concatenate(list(images[:k]), 1), np.concatenate(list(gen[:k]), 1)], 0)
-    Image.fromarray(grid).save(work_dir / "samples.png")  # top row: held-out sources; bottom: renders
+    metrics, rows = {}, [np.concatenate(list(images[:16]), 1)]
+    for guidance in (1.0, 4.0):
+        m, gen = verify_decoder(
+            unet, movq, image_encoder, images, size, steps=verify_steps, guidance=guidance, seed=seed,
+            scheduler=kandinsky_scheduler(recipe.prediction_type),
+        )
+        metrics.update({f"{k}_guidance{guidance:g}": v for k, v in m.items() if k.startswith("render")})
+        metrics.update(n=m["n"], steps=m["steps"])
+        rows.append(np.concatenate(list(gen[:16]), 1))
+    # top row: held-out sources; then renders at guidance 1 and 4
+    Image.fromarray(np.concatenate(rows, 0)).save(work_dir / "samples.png")
     (work_dir / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
     return metrics
