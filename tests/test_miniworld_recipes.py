@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -137,10 +136,9 @@ def test_atomic_dir_keeps_old_folder_on_failure(tmp_path: Path) -> None:
     final = tmp_path / "comp"
     with atomic_dir(final) as tmp:
         (tmp / "a.txt").write_text("one")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(final) as tmp:
-            (tmp / "a.txt").write_text("two")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("two")
+        raise RuntimeError("killed")
     assert (final / "a.txt").read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["comp"]
 

@@ -42,7 +42,7 @@ class BuildConfig:
     unet: UNetRecipe = field(default_factory=UNetRecipe)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BuildConfig":
+    def from_dict(cls, data: dict) -> BuildConfig:
         """From a nested dict (e.g. parsed YAML); unknown keys raise ``TypeError``."""
         data = dict(data)
         recipes = {"clip": ClipRecipe, "movq": MoVQRecipe, "unet": UNetRecipe}

@@ -122,7 +122,7 @@ def train_clip(
     ids_free = tokenize(tokenizer, pool.captions_free, recipe.max_length)
     ids_crop = tokenize(tokenizer, pool.crop_texts, recipe.max_length)
     ckpt = Checkpointer(ckpt_path, recipe.steps)
-    state_fn = lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+    state_fn = lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()}
     bar = progress(recipe.steps, start, "clip")
     model.train()
     for step in range(start, recipe.steps):

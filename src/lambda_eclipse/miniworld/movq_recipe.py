@@ -53,8 +53,8 @@ def make_movq(recipe: MoVQRecipe) -> VQModel:
 
 def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L1 between the finite-difference image gradients of a and b, both (B, 3, H, W)."""
-    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
-    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
@@ -76,7 +76,7 @@ def train_movq(
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     ckpt = Checkpointer(ckpt_path, recipe.steps)
-    state_fn = lambda: {"model": movq.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+    state_fn = lambda: {"model": movq.state_dict(), "optimizer": opt.state_dict()}
     bar = progress(recipe.steps, start, "movq")
     movq.train()
     for step in range(start, recipe.steps):

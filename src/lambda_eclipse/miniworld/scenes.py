@@ -6,8 +6,9 @@ gives the same layout at 32 and 64 px, and the same bytes every time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image

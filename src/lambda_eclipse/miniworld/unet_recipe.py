@@ -126,7 +126,7 @@ def train_unet(
     weight = torch.clamp(snr, max=recipe.snr_gamma) / (snr + 1 if v_pred else snr)
     c = latents.shape[1]
     ckpt = Checkpointer(ckpt_path, recipe.steps, every=1000)
-    state_fn = lambda: {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}  # noqa: E731
+    state_fn = lambda: {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
     bar = progress(recipe.steps, start, "unet")
     unet.train()
     for step in range(start, recipe.steps):
