@@ -24,7 +24,17 @@ from transformers import (
 )
 
 from .data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ScenePool, clip_pixels, tokenize
-from .training import Checkpointer, atomic_dir, cosine_lr, load_checkpoint, progress, set_lr, step_generator
+from .training import (
+    Checkpointer,
+    atomic_dir,
+    cosine_lr,
+    finish_step,
+    load_checkpoint,
+    optimizer_step,
+    progress,
+    set_lr,
+    step_generator,
+)
 from .vocab import miniworld_tokenizer
 
 CLIP_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processor")
@@ -137,15 +147,8 @@ def train_clip(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             image_emb, text_emb = _embed(model, pixels=pixels), _embed(model, ids=ids)
         loss = clip_loss(image_emb, text_emb, ids, model.logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        stopping = stop_at is not None and step + 1 >= stop_at
-        ckpt.maybe_save(step + 1, state_fn, force=stopping)
-        if stopping:
+        optimizer_step(loss, model, opt)
+        if finish_step(step, loss, bar, ckpt, state_fn, stop_at, digits=3):
             break
     bar.close()
     model.eval()

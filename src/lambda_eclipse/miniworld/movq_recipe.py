@@ -17,7 +17,17 @@ from diffusers import VQModel
 from diffusers.models.attention_processor import SpatialNorm
 
 from .data import ScenePool, unit_pixels
-from .training import Checkpointer, atomic_dir, cosine_lr, load_checkpoint, progress, set_lr, step_generator
+from .training import (
+    Checkpointer,
+    atomic_dir,
+    cosine_lr,
+    finish_step,
+    load_checkpoint,
+    optimizer_step,
+    progress,
+    set_lr,
+    step_generator,
+)
 
 
 @dataclass(frozen=True)
@@ -96,15 +106,8 @@ def train_movq(
             (w * (err.abs() + err.pow(2))).mean() + recipe.edge_weight * _grad_l1(y, x)
             + recipe.latent_l2 * h.pow(2).mean()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(movq.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        stopping = stop_at is not None and step + 1 >= stop_at
-        ckpt.maybe_save(step + 1, state_fn, force=stopping)
-        if stopping:
+        optimizer_step(loss, movq, opt)
+        if finish_step(step, loss, bar, ckpt, state_fn, stop_at):
             break
     bar.close()
     return movq.eval()

@@ -84,6 +84,24 @@ class Checkpointer:
         return due
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Backward, clip the gradient norm to 1 and step: the update every recipe makes."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def finish_step(step: int, loss: torch.Tensor, bar: tqdm, ckpt: "Checkpointer", state_fn, stop_at: int | None,
+                digits: int = 4) -> bool:
+    """Report the loss, checkpoint when due (always when stopping early); returns whether to stop now."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss.item():.{digits}f}", refresh=False)
+    stopping = stop_at is not None and step + 1 >= stop_at
+    ckpt.maybe_save(step + 1, state_fn, force=stopping)
+    return stopping
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A torch RNG for step ``step`` of stream ``stream``, independent of how the run was interrupted."""
     return torch.Generator().manual_seed((seed * 1_000_003 + stream) * 10_000_019 + step)

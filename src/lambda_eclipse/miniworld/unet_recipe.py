@@ -17,7 +17,18 @@ from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel,
 from transformers import CLIPVisionModelWithProjection
 
 from .data import ScenePool, clip_pixels, unit_pixels
-from .training import EMA, Checkpointer, atomic_dir, cosine_lr, load_checkpoint, progress, set_lr, step_generator
+from .training import (
+    Checkpointer,
+    EMA,
+    atomic_dir,
+    cosine_lr,
+    finish_step,
+    load_checkpoint,
+    optimizer_step,
+    progress,
+    set_lr,
+    step_generator,
+)
 
 KANDINSKY22_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -143,16 +154,9 @@ def train_unet(
         target = a.sqrt() * eps - (1 - a).sqrt() * x0 if v_pred else eps
         pred = unet(noisy, t, None, added_cond_kwargs={"image_embeds": cond}).sample[:, :c]
         loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, unet, opt)
         ema.update(unet, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        stopping = stop_at is not None and step + 1 >= stop_at
-        ckpt.maybe_save(step + 1, state_fn, force=stopping)
-        if stopping:
+        if finish_step(step, loss, bar, ckpt, state_fn, stop_at):
             break
     bar.close()
     unet.load_state_dict(ema.state_dict())
