@@ -14,11 +14,12 @@ def test_reduced_build_eval_and_generate(tmp_path):
     for part in ["prior", "text_encoder", "tokenizer", "image_encoder", "image_processor", "unet", "scheduler", "movq"]:
         assert (bundle / part).is_dir(), part
     pipe = LambdaEclipsePipeline.from_pretrained(tmp_path / "installed")
+    assert (tmp_path / "installed-oracle" / "oracle.json").is_file()  # the judge is installed beside the model
     assert pipe.prior.config.embedding_dim == pipe.image_encoder.config.projection_dim
     # Rerunning resumes: every stage is complete and skipped.
     assert main(["miniworld", "build", "--smoke", "--out", str(out)]) == 0
 
-    assert main(["miniworld", "eval", "--model", str(bundle), "--oracle", str(out / "oracle"), "--out",
+    assert main(["miniworld", "eval", "--model", str(bundle), "--oracle", str(tmp_path / "installed-oracle"), "--out",
                  str(tmp_path / "eval"), "--num-prompts", "4", "--steps", "2", "--images-per-prompt", "1"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics and (tmp_path / "eval" / "grid.png").stat().st_size > 0

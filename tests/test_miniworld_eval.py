@@ -97,9 +97,9 @@ def test_same_seed_same_metrics(world_pipe, oracle_dir, tmp_path):
 def test_cli_entry_loads_a_saved_model(world_pipe, oracle_dir, tmp_path):
     world_pipe.save_pretrained(tmp_path / "model")
     parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    ns = parser.parse_args(["--model", str(tmp_path / "model"), "--oracle", str(oracle_dir), "--out",
-                            str(tmp_path / "out"), "--num-prompts", "3", "--images-per-prompt", "1", "--steps", "2"])
+    add_eval_arguments(parser, model=str(tmp_path / "model"), oracle=str(oracle_dir))  # the defaults
+    ns = parser.parse_args(["--out", str(tmp_path / "out"), "--num-prompts", "3", "--images-per-prompt", "1",
+                            "--steps", "2"])
     m = eval_command(ns)
     assert m["images_per_condition"] == 3 and (tmp_path / "out" / "metrics.md").is_file()
     assert m["oracle_movq_matches"] is None  # this oracle trained without MoVQ reconstructions

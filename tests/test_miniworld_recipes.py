@@ -13,8 +13,10 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from lambda_eclipse.miniworld.build import COMPONENTS, BuildConfig, build_components, main, smoke_config
-from lambda_eclipse.miniworld.clip_recipe import clip_loss, train_clip, trim_padding
-from lambda_eclipse.miniworld.data import clip_pixels, render_pool
+from lambda_eclipse.miniworld.clip_recipe import _scene_batch, clip_loss, train_clip, trim_padding
+from lambda_eclipse.miniworld.data import background_index, clip_pixels, render_pool, shape_labels
+from lambda_eclipse.miniworld.scenes import sample_scenes
+from lambda_eclipse.miniworld.vocab import SHAPES
 from lambda_eclipse.miniworld.movq_recipe import fold_latent_normalisation, make_movq, train_movq
 from lambda_eclipse.miniworld.training import atomic_dir
 from lambda_eclipse.miniworld.unet_recipe import train_unet
@@ -65,6 +67,55 @@ def test_rerun_skips_complete_stages(built: Path, capsys) -> None:
     build_components(built, smoke_config(), verify_steps=2)
     assert stamp == {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}
     assert capsys.readouterr().out.count("complete, skipped") == 3
+
+
+def test_build_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
+    config = smoke_config()
+    build_components(tmp_path, config, verify_steps=2, stages=("clip",))
+    assert sorted(p.name for p in (tmp_path / "components").iterdir()) == sorted(
+        ("text_encoder", "image_encoder", "tokenizer", "image_processor"))
+    with pytest.raises(ValueError, match="unknown stages"):
+        build_components(tmp_path, config, stages=("vae",))
+
+
+def test_clip_batches_hold_a_same_background_share() -> None:
+    pool = render_pool(120, seed=3, size=32)
+    scenes = sample_scenes(120, seed=3, size=32)
+    assert list(pool.backgrounds) == [background_index(s) for s in scenes]
+    assert len(set(pool.backgrounds.tolist())) > 5
+    for step in range(5):
+        idx = _scene_batch(pool.backgrounds, 16, 0.5, torch.Generator().manual_seed(step))
+        assert idx.shape == (16,)
+        assert len(set(pool.backgrounds[idx[:8].numpy()].tolist())) == 1  # the first half: one background
+    uniform = _scene_batch(pool.backgrounds, 16, 0.0, torch.Generator().manual_seed(0))
+    assert len(set(pool.backgrounds[uniform.numpy()].tolist())) > 1
+
+
+def test_pool_labels_and_wrong_shape_captions_follow_the_scenes() -> None:
+    pool = render_pool(40, seed=4, size=32)
+    scenes = sample_scenes(40, seed=4, size=32)
+    scene_shapes, crop_shapes = shape_labels(pool)
+    shapes = list(SHAPES)
+    for i, scene in enumerate(scenes):
+        assert {shapes[k] for k in scene_shapes[i].nonzero().flatten().tolist()} == {o.shape for o in scene.objects}
+        full, wrong = scene.captions["full"], pool.captions_wrong_shape[i]
+        assert wrong != full and len(wrong.split()) - len(full.split()) in (-1, 0, 1)  # "paper plane" is 2 words
+        changed = [w for w in (set(full.split()) ^ set(wrong.split())) if w not in ("paper", "plane")]
+        assert all(w in shapes or w in ("paper plane",) for w in changed)
+    assert [shapes[k] for k in crop_shapes[:3].tolist()] == [t.split(" ", 3)[3] for t in pool.crop_texts[:3]]
+
+
+def test_hard_negatives_only_add_image_side_candidates() -> None:
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    ids = torch.arange(4)[:, None].repeat(1, 3)
+    scale = torch.tensor(2.0)
+    base = clip_loss(img, txt, ids, scale)
+    assert torch.equal(base, clip_loss(img, txt, ids, scale, None))
+    # a negative identical to each image's own text is as attractive as the positive: the loss must rise
+    assert clip_loss(img, txt, ids, scale, txt.clone()) > base
+    # a negative pointing away from every image barely matters
+    assert torch.allclose(clip_loss(img, txt, ids, scale, -100 * img.mean(0, keepdim=True)), base, atol=0.05)
 
 
 def test_cli_entry_point_smoke(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from .errors import UserError
 
 # The bundled offline miniature model (models/miniworld in a source checkout), else the released Hub stack.
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "miniworld"
+BUNDLED_ORACLE = BUNDLED_MODEL.with_name("miniworld-oracle")  # the concept judge of `miniworld eval`
 HUB_MODEL = "ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0"
 
 
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from .miniworld.evaluate import add_eval_arguments
 
-    add_eval_arguments(parser)
+    add_eval_arguments(parser, str(BUNDLED_MODEL), str(BUNDLED_ORACLE))
 
 
 def _miniworld_build_command(ns: argparse.Namespace) -> None:

@@ -72,20 +72,28 @@ def components_complete(components: Path, names: tuple[str, ...]) -> bool:
     return all((Path(components) / n).is_dir() for n in names)
 
 
-def build_components(out_dir: str | Path, config: BuildConfig | None = None, verify_steps: int = 50) -> Path:
-    """Run the stages in order, skipping finished ones; returns ``out_dir/components``."""
+STAGES = ("clip", "movq", "unet")
+
+
+def build_components(
+    out_dir: str | Path, config: BuildConfig | None = None, verify_steps: int = 50, stages: tuple[str, ...] = STAGES
+) -> Path:
+    """Run ``stages`` (in this order, skipping finished ones); returns ``out_dir/components``."""
     config = config or BuildConfig()
     out_dir = Path(out_dir)
     (out_dir / "work").mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     set_threads(config.threads)
     try:
-        return _run_stages(out_dir, config, verify_steps)
+        return _run_stages(out_dir, config, verify_steps, stages)
     finally:
         torch.set_num_threads(previous_threads)  # a library call should not leave the process single-threaded
 
 
-def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int) -> Path:
+def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: tuple[str, ...]) -> Path:
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     components, work = out_dir / "components", out_dir / "work"
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     report_path = out_dir / "report.json"
@@ -106,26 +114,23 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int) -> Path:
     )
     log(f"scene pools ready ({len(pool)} train, {len(heldout)} held-out) in {time.time() - t:.0f} s")
 
-    if components_complete(components, CLIP_COMPONENTS):
-        log("clip: complete, skipped")
-    else:
+    runners = {  # stage -> (the component folders it writes, how to run it)
+        "clip": (CLIP_COMPONENTS, lambda: run_clip_stage(
+            pool, heldout, work / "clip", components, config.clip, config.seed, config.size)),
+        "movq": (("movq",), lambda: run_movq_stage(
+            pool, heldout, work / "movq", components, config.movq, config.seed)),
+        "unet": (("unet", "scheduler"), lambda: run_unet_stage(
+            pool, heldout, work / "unet", components, config.unet, config.seed, config.size,
+            verify_n=config.verify_n, verify_steps=verify_steps)),
+    }
+    for stage in (s for s in STAGES if s in stages):
+        outputs, run = runners[stage]
+        if components_complete(components, outputs):
+            log(f"{stage}: complete, skipped")
+            continue
         t = time.time()
-        record("clip", run_clip_stage(pool, heldout, work / "clip", components, config.clip, config.seed,
-                                      config.size), t)
-    if components_complete(components, ("movq",)):
-        log("movq: complete, skipped")
-    else:
-        t = time.time()
-        record("movq", run_movq_stage(pool, heldout, work / "movq", components, config.movq, config.seed), t)
-    if components_complete(components, ("unet", "scheduler")):
-        log("unet: complete, skipped")
-    else:
-        t = time.time()
-        unet_recipe = config.unet
-        metrics = run_unet_stage(pool, heldout, work / "unet", components, unet_recipe, config.seed, config.size,
-                                 verify_n=config.verify_n, verify_steps=verify_steps)
-        record("unet", metrics, t)
-    log(f"components ready in {components}")
+        record(stage, run(), t)
+    log(f"{', '.join(stages)} ready in {components}")
     return components
 
 

@@ -11,6 +11,7 @@ Stages (each skipped when its output is complete, each resumable after a kill):
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
@@ -89,21 +90,36 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     """Run every stage into ``out_dir``; returns the bundle folder (copied to ``install`` when given)."""
     import torch
 
-    from .build import BuildConfig, build_components, smoke_config
+    from .build import BuildConfig, build_components, components_complete, smoke_config
     from .oracle import train_oracle
 
     plan = plan or MiniworldBuild()
     out = Path(out_dir)
-    torch.set_num_threads(plan.threads)
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] miniworld: {message}", flush=True)
 
     config = smoke_config() if plan.smoke_components else BuildConfig()
-    components = build_components(out / "components-build", replace(config, threads=plan.threads))
+    components_dir, verify_steps = out / "components-build", 5 if plan.smoke_components else 50
+    torch.set_num_threads(plan.threads)
+    # the encoders and the MoVQ first: every later stage reads them
+    components = build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("clip", "movq"))
+    # Then two branches that need each other only at the end: the UNet (the longest stage) in its own process on
+    # one core, and features → priors → oracle here on the rest. Small models use two 1-thread processes better
+    # than one 2-thread process, which is what keeps the full build inside its 2-hour budget on 2 cores.
+    unet_branch = None
+    if plan.threads >= 2 and not components_complete(components, ("unet", "scheduler")):
+        unet_branch = multiprocessing.get_context("spawn").Process(
+            target=build_components, args=(components_dir, replace(config, threads=1), verify_steps, ("unet",)),
+            name="miniworld-unet", daemon=True,
+        )
+        unet_branch.start()
+        log(f"UNet stage started in process {unet_branch.pid} (1 thread)")
+    threads = plan.threads - 1 if unet_branch is not None else plan.threads
+    torch.set_num_threads(threads)
     size = config.size
     encoders = load_encoders(components)
-    log("components ready; encoding features")
+    log("encoding features")
     train = write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", size, plan.features)
     val = write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", size, plan.features)
     runs = {("shipped", SHIPPED_LAMBDA): plan.prior_overrides}
@@ -119,16 +135,37 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
         priors[kind, lam] = train_miniworld_prior(train, val, run, lam, overrides)
     if not (out / "oracle" / "oracle.json").is_file():
         log("training the oracle")
-        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=plan.threads,
+        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=threads,
                      scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=components / "movq")
+    if unet_branch is not None:
+        log("waiting for the UNet stage")
+        unet_branch.join()
+        if unet_branch.exitcode != 0:
+            raise RuntimeError(f"the UNet stage failed (exit code {unet_branch.exitcode}, its log is above); "
+                               "rerun the same command to resume it from its last checkpoint")
+    torch.set_num_threads(plan.threads)
+    build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))  # no-op if done
     bundle = assemble_bundle(components, priors["shipped", SHIPPED_LAMBDA], out / "bundle")
     log(f"bundle written to {bundle}")
     if install is not None:
         install = Path(install)
-        temporary = install.with_name(f".tmp-{install.name}")
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(bundle, temporary)
-        shutil.rmtree(install, ignore_errors=True)
-        os.replace(temporary, install)
-        log(f"installed to {install}")
+        _replace_copy(bundle, install)
+        # the judge travels beside the model, so `miniworld eval` runs from a checkout without a build
+        _replace_copy(out / "oracle", oracle_install_path(install))
+        log(f"installed to {install} (oracle: {oracle_install_path(install)})")
     return bundle
+
+
+def oracle_install_path(install: str | Path) -> Path:
+    """Where `--install DIR` puts the oracle: ``DIR-oracle`` beside the bundle (models/miniworld-oracle)."""
+    install = Path(install)
+    return install.with_name(f"{install.name}-oracle")
+
+
+def _replace_copy(source: Path, target: Path) -> None:
+    """Copy the folder ``source`` over ``target`` via a temporary folder and one rename."""
+    temporary = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(source, temporary)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(temporary, target)

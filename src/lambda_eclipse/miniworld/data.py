@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .scenes import Split, iter_scenes
+from .scenes import Scene, Split, iter_scenes
+from .vocab import BG_COLOURS, BG_KINDS, SHAPES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,16 +37,36 @@ class ScenePool:
     crop_texts: list[str]
     crop_scene: np.ndarray
     object_masks: np.ndarray
+    backgrounds: np.ndarray
+    captions_wrong_shape: list[str]
 
     def __len__(self) -> int:
         return len(self.images)
 
 
+def background_index(scene: Scene) -> int:
+    """The scene's background as one index into ``BG_COLOURS × BG_KINDS`` (colour-major)."""
+    return list(BG_COLOURS).index(scene.background_colour) * len(BG_KINDS) + list(BG_KINDS).index(
+        scene.background_kind
+    )
+
+
+def wrong_shape_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The scene's full caption with one object's shape word (chosen by ``rng``) replaced by another shape."""
+    caption = scene.captions["full"]
+    k = int(rng.integers(len(scene.objects)))
+    start, end = scene.noun_spans["full"][k]
+    others = [s for s in SHAPES if s != scene.objects[k].shape]
+    return caption[:start] + others[int(rng.integers(len(others)))] + caption[end:]
+
+
 def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePool:
     """Render scenes 0..n-1 of stream ``seed`` (crops at the image size)."""
-    images, full, free, crops, crop_texts, crop_scene, masks = [], [], [], [], [], [], []
+    images, full, free, crops, crop_texts, crop_scene, masks, backgrounds, wrong = [], [], [], [], [], [], [], [], []
     for i, scene in zip(range(n), iter_scenes(seed, size, split)):
         images.append(scene.image)
+        backgrounds.append(background_index(scene))
+        wrong.append(wrong_shape_caption(scene, np.random.default_rng([seed, i, 11])))
         masks.append(np.any([o.mask for o in scene.objects], axis=0))
         full.append(scene.captions["full"])
         free.append(scene.captions["appearance_free"])
@@ -55,7 +76,7 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePo
             crop_scene.append(i)
     return ScenePool(
         np.stack(images), full, free, np.stack(crops), crop_texts, np.asarray(crop_scene, dtype=np.int64),
-        np.stack(masks),
+        np.stack(masks), np.asarray(backgrounds, dtype=np.int64), wrong,
     )
 
 
@@ -65,10 +86,11 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     key = np.asarray([n, seed, size, 0 if split == "train" else 1])
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            if np.array_equal(z["key"], key) and "object_masks" in z:
+            if np.array_equal(z["key"], key) and "captions_wrong_shape" in z:
                 return ScenePool(
                     z["images"], list(z["captions_full"]), list(z["captions_free"]), z["crops"],
-                    list(z["crop_texts"]), z["crop_scene"], z["object_masks"],
+                    list(z["crop_texts"]), z["crop_scene"], z["object_masks"], z["backgrounds"],
+                    list(z["captions_wrong_shape"]),
                 )
     pool = render_pool(n, seed, size, split)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +99,19 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
         tmp, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),
         captions_free=np.asarray(pool.captions_free), crops=pool.crops,
         crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, object_masks=pool.object_masks,
+        backgrounds=pool.backgrounds, captions_wrong_shape=np.asarray(pool.captions_wrong_shape),
     )
     os.replace(tmp, path)
     return pool
+
+
+def shape_labels(pool: ScenePool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which shapes each scene holds, (N, len(SHAPES)) float multi-hot, and each crop's shape, (M,) int64, read
+    from the crop texts "a {colour} {texture} {shape}" (the shape is everything after the third word)."""
+    crop_shape = torch.tensor([list(SHAPES).index(t.split(" ", 3)[3]) for t in pool.crop_texts], dtype=torch.long)
+    scenes = torch.zeros(len(pool), len(SHAPES))
+    scenes[torch.from_numpy(pool.crop_scene), crop_shape] = 1.0
+    return scenes, crop_shape
 
 
 def clip_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -328,7 +328,8 @@ def _evaluate(pipe, oracle: Oracle, cfg: EvalConfig, priors: dict) -> tuple[dict
         try:
             for label, path in priors.items():
                 clock = time.monotonic()
-                pipe.prior = load_prior(path).to(original.device, original.dtype)
+                prior = load_prior(path).to(original.device)
+                pipe.prior = prior if prior.dtype == original.dtype else prior.to(dtype=original.dtype)
                 e = subject_embeddings(pipe, scenes, [c[0] for c in crop_feats], cfg)
                 generated = decode(pipe, e, cfg, size)
                 n_decoded += len(e)
@@ -354,10 +355,12 @@ def _evaluate(pipe, oracle: Oracle, cfg: EvalConfig, priors: dict) -> tuple[dict
     return metrics, images, scenes
 
 
-def add_eval_arguments(parser) -> None:
-    """Arguments of ``lambda-eclipse miniworld eval`` (for the CLI to wire to :func:`eval_command`)."""
-    parser.add_argument("--model", required=True, help="pipeline folder (with a λ-ECLIPSE prior)")
-    parser.add_argument("--oracle", required=True, help="oracle folder (python -m lambda_eclipse.miniworld.oracle)")
+def add_eval_arguments(parser, model: str, oracle: str) -> None:
+    """Arguments of ``lambda-eclipse miniworld eval`` (for the CLI to wire to :func:`eval_command`); ``model`` and
+    ``oracle`` are the defaults (the bundled ones)."""
+    parser.add_argument("--model", default=model, help=f"pipeline folder with a λ-ECLIPSE prior (default {model})")
+    parser.add_argument("--oracle", default=oracle,
+                        help=f"oracle folder, written by `miniworld build` (default {oracle})")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, metrics.md, grid.png")
     parser.add_argument("--num-prompts", type=int, default=48, help="held-out prompts (default 48)")
     parser.add_argument("--seed", type=int, default=0, help="held-out scene stream and generator seed (default 0)")

@@ -84,11 +84,15 @@ class Checkpointer:
         return due
 
 
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Backward, clip the gradient norm to 1 and step: the update every recipe makes."""
+def optimizer_step(
+    loss: torch.Tensor, model: torch.nn.Module | tuple[torch.nn.Module, ...], optimizer: torch.optim.Optimizer
+) -> None:
+    """Backward, clip the gradient norm (of all of ``model``'s modules together) to 1 and step: the update every
+    recipe makes."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    modules = model if isinstance(model, tuple) else (model,)
+    torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], 1.0)
     optimizer.step()
 
 
