@@ -123,14 +123,16 @@ def test_cli_entry_point_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "components" / "unet" / "config.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["clip", "movq", "unet"])
+@pytest.mark.parametrize("stage", ["clip", "clip-shape", "movq", "unet"])
 def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
     cfg = smoke_config()
     pool = render_pool(40, seed=1, size=32)
 
     def run(work: Path, stop_at: int | None):
-        if stage == "clip":
+        if stage.startswith("clip"):
             recipe = replace(cfg.clip, steps=4)
+            if stage == "clip-shape":  # every shape option on: the head is part of the resumable state
+                recipe = replace(recipe, same_background=0.5, shape_negatives=True, shape_loss=1.0)
             return train_clip(pool, work, recipe, seed=0, size=32, stop_at=stop_at)[0]
         if stage == "movq":
             return train_movq(pool, work, replace(cfg.movq, steps=4), seed=0, stop_at=stop_at)
@@ -144,6 +146,9 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
     resumed = run(tmp_path / "b", None).state_dict()
     for k, v in straight.items():
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
+    if stage == "clip-shape":
+        heads = [torch.load(tmp_path / run_dir / "ckpt.pt", weights_only=False)["shape_head"] for run_dir in "ab"]
+        assert all(torch.allclose(heads[0][k], heads[1][k], atol=1e-6) for k in heads[0])
 
 
 def test_v_prediction_variant_saves_its_scheduler(tmp_path: Path) -> None:
