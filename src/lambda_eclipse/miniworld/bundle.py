@@ -12,13 +12,13 @@ Stages (each skipped when its output is complete, each resumable after a kill):
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .prior_stage import FeatureRecipe, train_miniworld_prior, write_scene_features
+from .training import atomic_dir
 
 SHIPPED_LAMBDA = 0.2
 SWEEP_LAMBDAS = (0.0, 0.2, 0.5)
@@ -77,12 +77,8 @@ def assemble_bundle(components: Path, prior_dir: Path, out: Path) -> Path:
         scheduler=DDPMScheduler.from_pretrained(components / "scheduler"),
         movq=VQModel.from_pretrained(components / "movq"),
     )
-    temporary = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    pipe.save_pretrained(temporary)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(temporary, out)
+    with atomic_dir(out) as temporary:
+        pipe.save_pretrained(temporary)
     return out
 
 
@@ -143,16 +139,18 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
         if unet_branch.exitcode != 0:
             raise RuntimeError(f"the UNet stage failed (exit code {unet_branch.exitcode}, its log is above); "
                                "rerun the same command to resume it from its last checkpoint")
-    torch.set_num_threads(plan.threads)
-    build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))  # no-op if done
+    else:  # one thread, or the UNet was already built: run (or skip) it here
+        torch.set_num_threads(plan.threads)
+        build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
     bundle = assemble_bundle(components, priors["shipped", SHIPPED_LAMBDA], out / "bundle")
     log(f"bundle written to {bundle}")
     if install is not None:
         install = Path(install)
+        oracle_install = oracle_install_path(install)
         _replace_copy(bundle, install)
         # the judge travels beside the model, so `miniworld eval` runs from a checkout without a build
-        _replace_copy(out / "oracle", oracle_install_path(install))
-        log(f"installed to {install} (oracle: {oracle_install_path(install)})")
+        _replace_copy(out / "oracle", oracle_install)
+        log(f"installed to {install} (oracle: {oracle_install})")
     return bundle
 
 
@@ -163,9 +161,6 @@ def oracle_install_path(install: str | Path) -> Path:
 
 
 def _replace_copy(source: Path, target: Path) -> None:
-    """Copy the folder ``source`` over ``target`` via a temporary folder and one rename."""
-    temporary = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(source, temporary)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(temporary, target)
+    """Copy the folder ``source`` over ``target``; readers see the old folder or the new one, never half."""
+    with atomic_dir(target) as temporary:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)

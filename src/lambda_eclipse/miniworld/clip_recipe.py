@@ -167,12 +167,14 @@ def train_clip(
             shape_head.load_state_dict(state["shape_head"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-    scene_shapes, crop_shapes = shape_labels(pool)
     # tokenize the whole pool once: the tokenizer is the slowest thing per sample otherwise
     ids_full = tokenize(tokenizer, pool.captions_full, recipe.max_length)
     ids_free = tokenize(tokenizer, pool.captions_free, recipe.max_length)
     ids_crop = tokenize(tokenizer, pool.crop_texts, recipe.max_length)
-    ids_wrong = tokenize(tokenizer, pool.captions_wrong_shape, recipe.max_length)
+    if recipe.shape_negatives:
+        ids_wrong = tokenize(tokenizer, pool.captions_wrong_shape, recipe.max_length)
+    if recipe.shape_loss > 0:
+        scene_shapes, crop_shapes = shape_labels(pool)
     ckpt = Checkpointer(ckpt_path, recipe.steps)
     state_fn = lambda: {"model": model.state_dict(), "shape_head": shape_head.state_dict(), "optimizer": opt.state_dict()}
     bar = progress(recipe.steps, start, "clip")
