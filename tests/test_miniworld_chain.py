@@ -35,3 +35,21 @@ def test_reduced_build_eval_and_generate(tmp_path):
     assert main(["generate", f"a {word} on a plain red background", "--subject", f"{word}={crop}", "--model",
                  str(bundle), "--out", str(tmp_path / "gen"), "--steps", "2", "--quiet"]) == 0
     assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+
+
+def test_prior_runs_are_shared_between_lanes_by_claims(tmp_path, monkeypatch):
+    from lambda_eclipse.miniworld import bundle
+
+    trained = []
+    monkeypatch.setattr(bundle, "train_miniworld_prior", lambda train, val, run, lam, overrides: trained.append(
+        (run.name, lam, "max_steps=1000" in overrides)))
+    plan = bundle.MiniworldBuild()
+    assert bundle._claim(tmp_path, "sweep-lambda-0.0", "second")  # the other lane is on it
+    assert not bundle._claim(tmp_path, "sweep-lambda-0.0", "first")
+    done = tmp_path / "priors" / "sweep-lambda-0.5" / "prior"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")  # finished earlier: skipped without a claim
+    bundle._train_claimed_priors(tmp_path, plan, "first", lambda message: None)
+    assert trained == [("lambda-0.2", 0.2, False), ("sweep-lambda-0.2", 0.2, True)]
+    bundle._train_claimed_priors(tmp_path, plan, "second", lambda message: None)  # nothing left for a second pass
+    assert len(trained) == 2

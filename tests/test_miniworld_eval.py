@@ -106,3 +106,11 @@ def test_cli_entry_loads_a_saved_model(world_pipe, oracle_dir, tmp_path):
     ns.prior = ["no-equals-sign"]
     with pytest.raises(UserError):
         eval_command(ns)
+
+
+def test_grid_labels_are_drawable_by_the_default_font():
+    from lambda_eclipse.miniworld.evaluate_report import _drawable
+
+    assert _drawable("λ=0.2") == "lambda=0.2"
+    assert _drawable("a ball") == "a ball"
+    _drawable("λ→x").encode("latin-1")  # whatever is left is in the font's range

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +16,13 @@ from transformers import AutoImageProcessor, CLIPTextModelWithProjection, CLIPTo
 
 from lambda_eclipse.miniworld.build import COMPONENTS, BuildConfig, build_components, main, smoke_config
 from lambda_eclipse.miniworld.clip_recipe import _scene_batch, clip_loss, train_clip, trim_padding
-from lambda_eclipse.miniworld.data import background_index, clip_pixels, render_pool, shape_labels
+from lambda_eclipse.miniworld.data import (
+    background_index,
+    clip_pixels,
+    patch_shape_labels,
+    render_pool,
+    shape_labels,
+)
 from lambda_eclipse.miniworld.scenes import sample_scenes
 from lambda_eclipse.miniworld.vocab import SHAPES
 from lambda_eclipse.miniworld.movq_recipe import fold_latent_normalisation, make_movq, train_movq
@@ -60,6 +68,9 @@ def test_smoke_build_writes_loadable_components(built: Path) -> None:
                   guidance_scale=4.0, output_type="np").images
     assert images.shape == (2, 32, 32, 3)
     assert (built / "report.json").exists() and (built / "work" / "unet" / "samples.png").exists()
+    clip_report = json.loads((built / "report.json").read_text())["clip"]  # the shape options are on by default
+    assert 0.0 <= clip_report["scene_shape_f1_of_head"] <= 1.0
+    assert 0.0 <= clip_report["image_prefers_caption_over_wrong_shape"] <= 1.0
 
 
 def test_rerun_skips_complete_stages(built: Path, capsys) -> None:
@@ -105,6 +116,28 @@ def test_pool_labels_and_wrong_shape_captions_follow_the_scenes() -> None:
     assert [shapes[k] for k in crop_shapes[:3].tolist()] == [t.split(" ", 3)[3] for t in pool.crop_texts[:3]]
 
 
+def test_shape_maps_and_patch_labels_follow_the_objects() -> None:
+    pool = render_pool(12, seed=6, size=32)
+    scenes = sample_scenes(12, seed=6, size=32)
+    labels = patch_shape_labels(pool.shape_maps, patch=4)  # (12, 64)
+    assert labels.shape == (12, 64)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            k = 1 + list(SHAPES).index(obj.shape)
+            assert (pool.shape_maps[i][obj.mask] == k).all()
+            # the patch under the object's centre of mass names its shape (objects are 8+ px, patches 4 px)
+            ys, xs = np.nonzero(obj.mask)
+            assert k in labels[i].view(8, 8)[int(ys.mean()) // 4 - 1: int(ys.mean()) // 4 + 2,
+                                            int(xs.mean()) // 4 - 1: int(xs.mean()) // 4 + 2]
+        assert np.array_equal(pool.object_masks[i], np.any([o.mask for o in scene.objects], axis=0))
+        assert set(labels[i].unique().tolist()) <= {0} | {1 + list(SHAPES).index(o.shape) for o in scene.objects}
+    # a patch a shape barely touches is background: a 4x4 patch with 3 object pixels
+    sparse = np.zeros((1, 8, 8), np.uint8)
+    sparse[0, 0, :3] = 2
+    sparse[0, 4:, 4:] = 5
+    assert patch_shape_labels(sparse, 4).tolist() == [[0, 0, 0, 5]]
+
+
 def test_hard_negatives_only_add_image_side_candidates() -> None:
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
@@ -132,8 +165,8 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
         if stage.startswith("clip"):
             recipe = replace(cfg.clip, steps=4)
             if stage == "clip-shape":  # every shape option on: the head is part of the resumable state
-                recipe = replace(recipe, same_background=0.5, shape_negatives=True, shape_loss=1.0)
-            return train_clip(pool, work, recipe, seed=0, size=32, stop_at=stop_at)[0]
+                recipe = replace(recipe, same_background=0.5, shape_negatives=True, shape_loss=1.0, patch_shape_loss=1.0)
+            return train_clip(pool, work, recipe, seed=0, size=32, stop_at=stop_at)[0]  # the model; the heads are checked below
         if stage == "movq":
             return train_movq(pool, work, replace(cfg.movq, steps=4), seed=0, stop_at=stop_at)
         g = torch.Generator().manual_seed(0)
@@ -147,8 +180,9 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
     for k, v in straight.items():
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
     if stage == "clip-shape":
-        heads = [torch.load(tmp_path / run_dir / "ckpt.pt", weights_only=False)["shape_head"] for run_dir in "ab"]
-        assert all(torch.allclose(heads[0][k], heads[1][k], atol=1e-6) for k in heads[0])
+        for head in ("shape_head", "patch_head"):
+            heads = [torch.load(tmp_path / run_dir / "ckpt.pt", weights_only=False)[head] for run_dir in "ab"]
+            assert all(torch.allclose(heads[0][k], heads[1][k], atol=1e-6) for k in heads[0])
 
 
 def test_v_prediction_variant_saves_its_scheduler(tmp_path: Path) -> None:

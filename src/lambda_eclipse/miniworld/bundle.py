@@ -12,6 +12,7 @@ Stages (each skipped when its output is complete, each resumable after a kill):
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -82,75 +83,136 @@ def assemble_bundle(components: Path, prior_dir: Path, out: Path) -> Path:
     return out
 
 
+PriorRun = tuple[str, float, tuple[str, ...]]  # (folder under priors/, λ, train-prior overrides)
+
+
+def _prior_runs(plan: MiniworldBuild) -> list[PriorRun]:
+    """The shipped prior first, then the λ sweep."""
+    runs = [(f"lambda-{SHIPPED_LAMBDA}", SHIPPED_LAMBDA, plan.prior_overrides)]
+    if plan.sweep:
+        runs += [(f"sweep-lambda-{lam}", lam, plan.prior_overrides + plan.sweep_overrides) for lam in SWEEP_LAMBDAS]
+    return runs
+
+
+def _prior_done(out: Path, name: str) -> bool:
+    return (out / "priors" / name / "prior" / "config.json").is_file()
+
+
+def _claim(out: Path, name: str, lane: str) -> bool:
+    """Atomically take a prior run for one lane (creating ``priors/NAME/.lane`` fails if the other lane has it)."""
+    run = out / "priors" / name
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run / ".lane", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, lane.encode())
+    os.close(fd)
+    return True
+
+
+def _features_ready(out: Path, plan: MiniworldBuild) -> bool:
+    from ..features import read_index
+
+    return all(
+        (out / "features" / split / "index.json").is_file()
+        and read_index(out / "features" / split).num_samples >= n
+        for split, n in (("train", plan.features.train_scenes), ("heldout", plan.features.val_scenes))
+    )
+
+
+def _train_claimed_priors(out: Path, plan: MiniworldBuild, lane: str, log) -> None:
+    """Train every prior run that is neither finished nor taken by the other lane."""
+    for name, lam, overrides in _prior_runs(plan):
+        if _prior_done(out, name) or not _claim(out, name, lane):
+            continue
+        log(f"[{lane}] training the prior {name} (λ={lam})")
+        train_miniworld_prior(out / "features" / "train", out / "features" / "heldout", out / "priors" / name, lam,
+                              overrides)
+
+
+def _train_oracle(out: Path, plan: MiniworldBuild, size: int, threads: int, movq_dir: Path) -> None:
+    from .oracle import train_oracle
+
+    if not (out / "oracle" / "oracle.json").is_file():
+        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=threads,
+                     scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=movq_dir)
+
+
+def _second_lane(out: Path, plan: MiniworldBuild, config, verify_steps: int) -> None:
+    """One core's share: the UNet, then the oracle, then any sweep priors the first lane has not taken yet."""
+    import torch
+
+    from .build import build_components
+
+    components = build_components(out / "components-build", config, verify_steps, ("unet",))
+    _train_oracle(out, plan, config.size, 1, components / "movq")
+    if _features_ready(out, plan):  # they are written first on the other lane, normally long before this
+        torch.set_num_threads(1)
+        _train_claimed_priors(out, plan, "second", _log)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] miniworld: {message}", flush=True)
+
+
 def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, install: str | Path | None = None) -> Path:
     """Run every stage into ``out_dir``; returns the bundle folder (copied to ``install`` when given)."""
     import torch
 
-    from .build import BuildConfig, build_components, components_complete, smoke_config
-    from .oracle import train_oracle
+    from .build import BuildConfig, build_components, smoke_config
 
     plan = plan or MiniworldBuild()
     out = Path(out_dir)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] miniworld: {message}", flush=True)
-
     config = smoke_config() if plan.smoke_components else BuildConfig()
     components_dir, verify_steps = out / "components-build", 5 if plan.smoke_components else 50
     torch.set_num_threads(plan.threads)
     # the encoders and the MoVQ first: every later stage reads them
     components = build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("clip", "movq"))
-    # Then two branches that need each other only at the end: the UNet (the longest stage) in its own process on
-    # one core, and features → priors → oracle here on the rest. Small models use two 1-thread processes better
-    # than one 2-thread process, which is what keeps the full build inside its 2-hour budget on 2 cores.
-    unet_branch = None
-    if plan.threads >= 2 and not components_complete(components, ("unet", "scheduler")):
-        unet_branch = multiprocessing.get_context("spawn").Process(
-            target=build_components, args=(components_dir, replace(config, threads=1), verify_steps, ("unet",)),
-            name="miniworld-unet", daemon=True,
+    # Then two lanes of one thread each (small models use two 1-thread processes better than one 2-thread one):
+    # the second runs the UNet (the longest stage) and the oracle, this one the features and the shipped prior, and
+    # both then take the sweep's priors as they come free (a claim file per run). That balance is what keeps the
+    # full build inside its 2-hour budget on 2 cores.
+    for claim in (out / "priors").glob("*/.lane"):  # claims of an interrupted earlier build
+        claim.unlink()
+    second = None
+    if plan.threads >= 2:
+        second = multiprocessing.get_context("spawn").Process(
+            target=_second_lane, args=(out, plan, replace(config, threads=1), verify_steps),
+            name="miniworld-second-lane", daemon=True,
         )
-        unet_branch.start()
-        log(f"UNet stage started in process {unet_branch.pid} (1 thread)")
-    threads = plan.threads - 1 if unet_branch is not None else plan.threads
-    torch.set_num_threads(threads)
-    size = config.size
+        second.start()
+        _log(f"second lane (UNet, oracle, then sweep priors) started in process {second.pid} (1 thread)")
+    torch.set_num_threads(plan.threads - 1 if second is not None else plan.threads)
     encoders = load_encoders(components)
-    log("encoding features")
-    train = write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", size, plan.features)
-    val = write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", size, plan.features)
-    runs = {("shipped", SHIPPED_LAMBDA): plan.prior_overrides}
-    if plan.sweep:
-        runs.update({("sweep", lam): plan.prior_overrides + plan.sweep_overrides for lam in SWEEP_LAMBDAS})
-    priors = {}
-    for (kind, lam), overrides in runs.items():
-        run = out / "priors" / (f"lambda-{lam}" if kind == "shipped" else f"sweep-lambda-{lam}")
-        if (run / "prior" / "config.json").is_file():
-            priors[kind, lam] = run / "prior"
-            continue
-        log(f"training the {kind} prior with λ={lam}")
-        priors[kind, lam] = train_miniworld_prior(train, val, run, lam, overrides)
-    if not (out / "oracle" / "oracle.json").is_file():
-        log("training the oracle")
-        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=threads,
-                     scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=components / "movq")
-    if unet_branch is not None:
-        log("waiting for the UNet stage")
-        unet_branch.join()
-        if unet_branch.exitcode != 0:
-            raise RuntimeError(f"the UNet stage failed (exit code {unet_branch.exitcode}, its log is above); "
-                               "rerun the same command to resume it from its last checkpoint")
-    else:  # one thread, or the UNet was already built: run (or skip) it here
-        torch.set_num_threads(plan.threads)
-        build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
-    bundle = assemble_bundle(components, priors["shipped", SHIPPED_LAMBDA], out / "bundle")
-    log(f"bundle written to {bundle}")
+    _log("encoding features")
+    write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", config.size,
+                         plan.features)
+    write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", config.size,
+                         plan.features)
+    _train_claimed_priors(out, plan, "first", _log)
+    if second is not None:
+        _log("waiting for the second lane")
+        second.join()
+        if second.exitcode != 0:
+            raise RuntimeError(f"the second lane failed (exit code {second.exitcode}, its log is above); "
+                               "rerun the same command to resume it from its last checkpoints")
+    # whatever the second lane did not do (one thread, or it stopped early) is done here; finished parts are skipped
+    torch.set_num_threads(plan.threads)
+    build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
+    _train_oracle(out, plan, config.size, plan.threads, components / "movq")
+    for claim in (out / "priors").glob("*/.lane"):
+        claim.unlink()
+    _train_claimed_priors(out, plan, "first", _log)
+    bundle = assemble_bundle(components, out / "priors" / f"lambda-{SHIPPED_LAMBDA}" / "prior", out / "bundle")
+    _log(f"bundle written to {bundle}")
     if install is not None:
         install = Path(install)
         oracle_install = oracle_install_path(install)
         _replace_copy(bundle, install)
         # the judge travels beside the model, so `miniworld eval` runs from a checkout without a build
         _replace_copy(out / "oracle", oracle_install)
-        log(f"installed to {install} (oracle: {oracle_install})")
+        _log(f"installed to {install} (oracle: {oracle_install})")
     return bundle
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .scenes import Scene, Split, iter_scenes
 from .vocab import BG_COLOURS, BG_KINDS, SHAPES
@@ -27,7 +28,8 @@ class ScenePool:
 
     images: (N, S, S, 3) uint8; captions_full / captions_free: N strings; crops: (M, S, S, 3) uint8;
     crop_texts: M strings "a {colour} {texture} {shape}"; crop_scene: (M,) int64, the scene of each crop;
-    object_masks: (N, S, S) bool, the union of each scene's object masks.
+    shape_maps: (N, S, S) uint8, 0 on the background and ``1 + SHAPES.index(shape)`` on each object's pixels;
+    backgrounds: (N,) int64 (:func:`background_index`); captions_wrong_shape: N strings (:func:`wrong_shape_caption`).
     """
 
     images: np.ndarray
@@ -36,12 +38,17 @@ class ScenePool:
     crops: np.ndarray
     crop_texts: list[str]
     crop_scene: np.ndarray
-    object_masks: np.ndarray
+    shape_maps: np.ndarray
     backgrounds: np.ndarray
     captions_wrong_shape: list[str]
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def object_masks(self) -> np.ndarray:
+        """(N, S, S) bool: the union of each scene's object masks."""
+        return self.shape_maps > 0
 
 
 def background_index(scene: Scene) -> int:
@@ -67,7 +74,10 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePo
         images.append(scene.image)
         backgrounds.append(background_index(scene))
         wrong.append(wrong_shape_caption(scene, np.random.default_rng([seed, i, 11])))
-        masks.append(np.any([o.mask for o in scene.objects], axis=0))
+        shape_map = np.zeros(scene.image.shape[:2], np.uint8)
+        for obj in scene.objects:
+            shape_map[obj.mask] = 1 + SHAPES.index(obj.shape)
+        masks.append(shape_map)
         full.append(scene.captions["full"])
         free.append(scene.captions["appearance_free"])
         for obj in scene.objects:
@@ -86,10 +96,10 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     key = np.asarray([n, seed, size, 0 if split == "train" else 1])
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            if np.array_equal(z["key"], key) and "captions_wrong_shape" in z:
+            if np.array_equal(z["key"], key) and "shape_maps" in z:
                 return ScenePool(
                     z["images"], list(z["captions_full"]), list(z["captions_free"]), z["crops"],
-                    list(z["crop_texts"]), z["crop_scene"], z["object_masks"], z["backgrounds"],
+                    list(z["crop_texts"]), z["crop_scene"], z["shape_maps"], z["backgrounds"],
                     list(z["captions_wrong_shape"]),
                 )
     pool = render_pool(n, seed, size, split)
@@ -98,7 +108,7 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     np.savez(
         tmp, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),
         captions_free=np.asarray(pool.captions_free), crops=pool.crops,
-        crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, object_masks=pool.object_masks,
+        crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, shape_maps=pool.shape_maps,
         backgrounds=pool.backgrounds, captions_wrong_shape=np.asarray(pool.captions_wrong_shape),
     )
     os.replace(tmp, path)
@@ -112,6 +122,16 @@ def shape_labels(pool: ScenePool) -> tuple[torch.Tensor, torch.Tensor]:
     scenes = torch.zeros(len(pool), len(SHAPES))
     scenes[torch.from_numpy(pool.crop_scene), crop_shape] = 1.0
     return scenes, crop_shape
+
+
+def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> torch.Tensor:
+    """Per-patch shape classes (N, (S/patch)²) int64, row-major like a ViT's patch tokens: the shape covering most
+    of the patch (``1 + SHAPES.index``) when it covers at least a quarter of it, else 0 (background)."""
+    maps = torch.as_tensor(np.asarray(shape_maps)).long()
+    onehot = F.one_hot(maps, len(SHAPES) + 1).permute(0, 3, 1, 2).float()[:, 1:]  # (N, K, S, S), objects only
+    cover = F.avg_pool2d(onehot, patch)  # (N, K, S/p, S/p): share of each patch each shape covers
+    best = cover.max(1)
+    return torch.where(best.values >= 0.25, best.indices + 1, 0).flatten(1)
 
 
 def clip_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:

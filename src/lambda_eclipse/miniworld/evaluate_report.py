@@ -109,6 +109,11 @@ def write_markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _drawable(text: str) -> str:
+    """``text`` in what PIL's default font draws: it has no Greek, so the sweep's "λ=0.2" would print as a box."""
+    return text.replace("λ", "lambda").encode("latin-1", "replace").decode("latin-1")
+
+
 def write_grid(path: str | os.PathLike, scenes: list[Scene], images: dict[str, np.ndarray], ipp: int,
                rows: int = 8, tile: int = 96) -> Path:
     """One row per prompt (its first image per condition): the render, every condition, then the subject crops
@@ -122,8 +127,8 @@ def write_grid(path: str | os.PathLike, scenes: list[Scene], images: dict[str, n
     canvas = Image.new("RGB", ((len(columns) + 1) * (t + 4) + text_w, header + rows * (t + 4)), "white")
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(columns + ["subjects"]):
-        draw.text((c * (t + 4) + 2, 1), GRID_LABELS.get(name, name.replace("with_subjects ", ""))[: t // 6],
-                  fill="black")
+        label = _drawable(GRID_LABELS.get(name, name.replace("with_subjects ", "")))
+        draw.text((c * (t + 4) + 2, 1), label[: t // 6], fill="black")
     for r in range(rows):
         y = header + r * (t + 4)
         for c, name in enumerate(columns):
@@ -133,7 +138,7 @@ def write_grid(path: str | os.PathLike, scenes: list[Scene], images: dict[str, n
         for k, obj in enumerate(scenes[r].objects):  # up to 3 crops in a 2 × 2 block
             crop = Image.fromarray(obj.crop).resize((half, half), Image.Resampling.NEAREST)
             canvas.paste(crop, (len(columns) * (t + 4) + (k % 2) * half, y + (k // 2) * half))
-        draw.text(((len(columns) + 1) * (t + 4) + 4, y + t // 2 - 6), scenes[r].captions["appearance_free"],
+        draw.text(((len(columns) + 1) * (t + 4) + 4, y + t // 2 - 6), _drawable(scenes[r].captions["appearance_free"]),
                   fill="black")
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")

@@ -60,7 +60,7 @@ class UNetRecipe:
     warmup: int = 200
     # three levels on 16x16 latents (16 -> 8 -> 4); attention only on the two coarser ones
     block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
+    layers_per_block: int = 2
     cross_attention_dim: int = 64
     attention_head_dim: int = 32
     cond_dropout: float = 0.1
