@@ -21,6 +21,7 @@ from lambda_eclipse.miniworld.data import (
     clip_pixels,
     patch_shape_labels,
     render_pool,
+    shape_cell_labels,
     shape_labels,
 )
 from lambda_eclipse.miniworld.scenes import sample_scenes
@@ -136,6 +137,11 @@ def test_shape_maps_and_patch_labels_follow_the_objects() -> None:
     sparse[0, 0, :3] = 2
     sparse[0, 4:, 4:] = 5
     assert patch_shape_labels(sparse, 4).tolist() == [[0, 0, 0, 5]]
+    cells = shape_cell_labels(sparse, grid=2).view(1, len(SHAPES), 2, 2)  # shape 1 ("box") top-left, 4 bottom-right
+    assert cells.nonzero().tolist() == [[0, 1, 0, 0], [0, 4, 1, 1]]
+    for i, scene in enumerate(scenes):  # every object is somewhere, and only objects are
+        occupied = shape_cell_labels(pool.shape_maps[i : i + 1]).view(len(SHAPES), -1).any(1)
+        assert {SHAPES[k] for k in occupied.nonzero().flatten().tolist()} == {o.shape for o in scene.objects}
 
 
 def test_hard_negatives_only_add_image_side_candidates() -> None:
@@ -165,7 +171,8 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
         if stage.startswith("clip"):
             recipe = replace(cfg.clip, steps=4)
             if stage == "clip-shape":  # every shape option on: the head is part of the resumable state
-                recipe = replace(recipe, same_background=0.5, shape_negatives=True, shape_loss=1.0, patch_shape_loss=1.0)
+                recipe = replace(recipe, same_background=0.5, shape_negatives=True, shape_loss=1.0, patch_shape_loss=1.0,
+                                 position_loss=1.0)
             return train_clip(pool, work, recipe, seed=0, size=32, stop_at=stop_at)[0]  # the model; the heads are checked below
         if stage == "movq":
             return train_movq(pool, work, replace(cfg.movq, steps=4), seed=0, stop_at=stop_at)
@@ -180,7 +187,7 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
     for k, v in straight.items():
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
     if stage == "clip-shape":
-        for head in ("shape_head", "patch_head"):
+        for head in ("shape_head", "patch_head", "position_head"):
             heads = [torch.load(tmp_path / run_dir / "ckpt.pt", weights_only=False)[head] for run_dir in "ab"]
             assert all(torch.allclose(heads[0][k], heads[1][k], atol=1e-6) for k in heads[0])
 

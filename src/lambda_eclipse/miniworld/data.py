@@ -134,6 +134,14 @@ def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> tor
     return torch.where(best.values >= 0.25, best.indices + 1, 0).flatten(1)
 
 
+def shape_cell_labels(shape_maps: np.ndarray | torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Where each shape is: (N, len(SHAPES) · grid²) float, 1 where shape k has a pixel in cell (i, j) of a
+    grid × grid split of the image (shape-major, then row-major cells)."""
+    maps = torch.as_tensor(np.asarray(shape_maps)).long()
+    onehot = F.one_hot(maps, len(SHAPES) + 1).permute(0, 3, 1, 2).float()[:, 1:]  # (N, K, S, S)
+    return (F.adaptive_max_pool2d(onehot, grid) > 0).float().flatten(1)
+
+
 def clip_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float (B, 3, S, S), normalised exactly as the saved CLIPImageProcessorPil does
     for S-px input (its resize and centre crop are the identity at that size)."""
