@@ -160,7 +160,7 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     """Run every stage into ``out_dir``; returns the bundle folder (copied to ``install`` when given)."""
     import torch
 
-    from .build import BuildConfig, build_components, smoke_config
+    from .build import BuildConfig, build_components, components_complete, smoke_config
 
     plan = plan or MiniworldBuild()
     out = Path(out_dir)
@@ -199,7 +199,8 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
                                "rerun the same command to resume it from its last checkpoints")
     # whatever the second lane did not do (one thread, or it stopped early) is done here; finished parts are skipped
     torch.set_num_threads(plan.threads)
-    build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
+    if not components_complete(components, ("unet", "scheduler")):  # checked here: the stage reloads the pools
+        build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
     _train_oracle(out, plan, config.size, plan.threads, components / "movq")
     for claim in (out / "priors").glob("*/.lane"):
         claim.unlink()

@@ -124,12 +124,18 @@ def shape_labels(pool: ScenePool) -> tuple[torch.Tensor, torch.Tensor]:
     return scenes, crop_shape
 
 
+def _pooled_shape_planes(shape_maps: np.ndarray | torch.Tensor, pool) -> torch.Tensor:
+    """``pool`` applied to each shape's 0/1 plane of ``shape_maps`` (N, S, S): (N, len(SHAPES), s, s).
+
+    One shape at a time: a one-hot of a 50k-scene pool's maps would hold ~1.8 GB of floats at once."""
+    maps = torch.as_tensor(np.asarray(shape_maps))
+    return torch.stack([pool((maps == k + 1).float()[:, None])[:, 0] for k in range(len(SHAPES))], 1)
+
+
 def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> torch.Tensor:
     """Per-patch shape classes (N, (S/patch)²) int64, row-major like a ViT's patch tokens: the shape covering most
     of the patch (``1 + SHAPES.index``) when it covers at least a quarter of it, else 0 (background)."""
-    maps = torch.as_tensor(np.asarray(shape_maps)).long()
-    onehot = F.one_hot(maps, len(SHAPES) + 1).permute(0, 3, 1, 2).float()[:, 1:]  # (N, K, S, S), objects only
-    cover = F.avg_pool2d(onehot, patch)  # (N, K, S/p, S/p): share of each patch each shape covers
+    cover = _pooled_shape_planes(shape_maps, lambda plane: F.avg_pool2d(plane, patch))  # share of each patch
     best = cover.max(1)
     return torch.where(best.values >= 0.25, best.indices + 1, 0).flatten(1)
 
@@ -137,9 +143,7 @@ def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> tor
 def shape_cell_labels(shape_maps: np.ndarray | torch.Tensor, grid: int = 4) -> torch.Tensor:
     """Where each shape is: (N, len(SHAPES) · grid²) float, 1 where shape k has a pixel in cell (i, j) of a
     grid × grid split of the image (shape-major, then row-major cells)."""
-    maps = torch.as_tensor(np.asarray(shape_maps)).long()
-    onehot = F.one_hot(maps, len(SHAPES) + 1).permute(0, 3, 1, 2).float()[:, 1:]  # (N, K, S, S)
-    return (F.adaptive_max_pool2d(onehot, grid) > 0).float().flatten(1)
+    return (_pooled_shape_planes(shape_maps, lambda plane: F.adaptive_max_pool2d(plane, grid)) > 0).float().flatten(1)
 
 
 def clip_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
