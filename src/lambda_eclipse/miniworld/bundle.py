@@ -121,9 +121,9 @@ def _features_ready(out: Path, plan: MiniworldBuild) -> bool:
     )
 
 
-def _train_claimed_priors(out: Path, plan: MiniworldBuild, lane: str, log) -> None:
-    """Train every prior run that is neither finished nor taken by the other lane."""
-    for name, lam, overrides in _prior_runs(plan):
+def _train_claimed_priors(out: Path, plan: MiniworldBuild, lane: str, log, shipped_only: bool = False) -> None:
+    """Train every prior run (or just the shipped one) that is neither finished nor taken by the other lane."""
+    for name, lam, overrides in _prior_runs(plan)[:1] if shipped_only else _prior_runs(plan):
         if _prior_done(out, name) or not _claim(out, name, lane):
             continue
         log(f"[{lane}] training the prior {name} (λ={lam})")
@@ -140,13 +140,12 @@ def _train_oracle(out: Path, plan: MiniworldBuild, size: int, threads: int, movq
 
 
 def _second_lane(out: Path, plan: MiniworldBuild, config, verify_steps: int) -> None:
-    """One core's share: the UNet, then the oracle, then any sweep priors the first lane has not taken yet."""
+    """One core's share: the UNet (the longest stage), then any sweep priors the first lane has not taken yet."""
     import torch
 
     from .build import build_components
 
-    components = build_components(out / "components-build", config, verify_steps, ("unet",))
-    _train_oracle(out, plan, config.size, 1, components / "movq")
+    build_components(out / "components-build", config, verify_steps, ("unet",))
     if _features_ready(out, plan):  # they are written first on the other lane, normally long before this
         torch.set_num_threads(1)
         _train_claimed_priors(out, plan, "second", _log)
@@ -170,9 +169,9 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     # the encoders and the MoVQ first: every later stage reads them
     components = build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("clip", "movq"))
     # Then two lanes of one thread each (small models use two 1-thread processes better than one 2-thread one):
-    # the second runs the UNet (the longest stage) and the oracle, this one the features and the shipped prior, and
-    # both then take the sweep's priors as they come free (a claim file per run). That balance is what keeps the
-    # full build inside its 2-hour budget on 2 cores.
+    # the second runs the UNet (the longest stage, ~65 min), this one the features, the shipped prior and the oracle
+    # (~75 min), and both then take the sweep's priors as they come free (a claim file per run). That balance is what
+    # keeps the full build inside its 2-hour budget on 2 cores.
     for claim in (out / "priors").glob("*/.lane"):  # claims of an interrupted earlier build
         claim.unlink()
     second = None
@@ -182,14 +181,17 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
             name="miniworld-second-lane", daemon=True,
         )
         second.start()
-        _log(f"second lane (UNet, oracle, then sweep priors) started in process {second.pid} (1 thread)")
-    torch.set_num_threads(plan.threads - 1 if second is not None else plan.threads)
+        _log(f"second lane (UNet, then sweep priors) started in process {second.pid} (1 thread)")
+    lane_threads = plan.threads - 1 if second is not None else plan.threads
+    torch.set_num_threads(lane_threads)
     encoders = load_encoders(components)
     _log("encoding features")
     write_scene_features(encoders, out / "features" / "train", plan.features.train_scenes, "train", config.size,
                          plan.features)
     write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", config.size,
                          plan.features)
+    _train_claimed_priors(out, plan, "first", _log, shipped_only=True)
+    _train_oracle(out, plan, config.size, lane_threads, components / "movq")
     _train_claimed_priors(out, plan, "first", _log)
     if second is not None:
         _log("waiting for the second lane")

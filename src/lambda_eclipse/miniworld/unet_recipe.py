@@ -54,7 +54,7 @@ def kandinsky_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 class UNetRecipe:
     """Tiny K2.2 UNet: model shape and training schedule."""
 
-    steps: int = 9000
+    steps: int = 13000
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
