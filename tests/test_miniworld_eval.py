@@ -83,6 +83,7 @@ def test_run_writes_reports_with_counts(world_pipe, oracle_dir, tmp_path):
     assert m["timing"]["images_decoded"] == 5 * 12 and m["timing"]["seconds_per_100_images"] > 0
     md = (tmp_path / "out" / "metrics.md").read_text()
     assert "λ sweep" in md and "both subjects' colours right" in md and "DINO-like" in md
+    assert md.count(" found | ") >= 3  # the decoder-fidelity rows per shape (6 prompts hold at least 3 shapes)
     grid = Image.open(tmp_path / "out" / "grid.png")
     assert grid.height > 4 * 16 and grid.width > 6 * 16
 

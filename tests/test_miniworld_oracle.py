@@ -1,5 +1,7 @@
 """The miniature-world concept oracle: network shapes, targets, scoring, training, save/load, resume."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,20 @@ def test_perfect_readings_score_perfectly():
     assert m["n_images"] == 60 and m["n_objects"] == sum(len(s.objects) for s in scenes)
     assert m["n_objects_reserved"] >= 60  # every held-out scene has a reserved instance
     assert m["centre_error_px"] == 0.0
+    shapes = {o.shape for s in scenes for o in s.objects}
+    assert {k for k in m if k.startswith("found_")} == {f"found_{shape}" for shape in shapes}
+    assert all(m[f"found_{shape}"] == 1.0 for shape in shapes)
+
+
+def test_found_by_shape_counts_each_object_of_that_shape():
+    scenes = sample_scenes(40, seed=2, size=32, split="heldout")
+    readings = [_truth_reading(s) for s in scenes]
+    for r in readings:  # the oracle misses every star
+        r.shapes["star"] = dataclasses.replace(r.shapes["star"], present=0.0)
+    m = score_readings(readings, scenes)
+    assert m["found_star"] == 0.0 and m["found_ball"] == 1.0
+    stars = sum(o.shape == "star" for s in scenes for o in s.objects)
+    assert m["shape_recall"] == pytest.approx(1 - stars / m["n_objects"])
 
 
 def test_augment_is_seeded_and_in_range():

@@ -91,6 +91,9 @@ def write_markdown(metrics: dict) -> str:
                   "| metric | " + " | ".join(CONDITION_LABELS[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
         lines += [f"| {label} | " + " | ".join(f"{fid[c][k]:.3f}" if k in fid[c] else "–" for c in cols) + " |"
                   for k, label in FIDELITY.items()]
+        found = sorted({k for c in cols for k in fid[c] if k.startswith("found_")})  # which shapes get drawn
+        lines += [f"| {k.removeprefix('found_')} found | " + " | ".join(
+            f"{fid[c][k]:.3f}" if k in fid[c] else "–" for c in cols) + " |" for k in found]
         lines += ["| images / objects / relations | " + " | ".join(
             f"{fid[c]['n_images']} / {fid[c]['n_objects']} / {fid[c]['n_relations']}" for c in cols) + " |", ""]
     sweep = metrics.get("lambda_sweep") or {}

@@ -215,7 +215,8 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
     (whatever its presence probability), so these are the oracle's accuracies given the object.
 
     Returns accuracies in [0, 1] plus the counts they are over (``n_images``, ``n_objects``, ``n_relations``);
-    ``*_reserved`` restrict to held-out (reserved) instances, absent when there are none.
+    ``*_reserved`` restrict to held-out (reserved) instances, absent when there are none; ``found_<shape>``: the
+    share of that shape's objects found (presence ≥ 0.5), for the shapes the scenes hold.
     """
     tp = fp = fn = tn = 0
     hits: dict[str, list[float]] = {}
@@ -232,6 +233,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
             fn, tn = fn + (not said and shape in truth), tn + (not said and shape not in truth)
         for obj in scene.objects:
             r = reading.shapes[obj.shape]
+            add(f"found_{obj.shape}", r.present >= 0.5)
             for suffix in ("", "_reserved") if obj.heldout else ("",):
                 add("colour" + suffix, r.colour == obj.colour)
                 add("texture" + suffix, r.texture == obj.texture)
@@ -256,7 +258,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
         "shape_recall": recall, "shape_f1": 2 * precision * recall / max(1e-9, precision + recall),
         "centre_error_px": float(np.mean(centre_err)) if centre_err else float("nan"),
     }
-    out.update({f"{k}_accuracy": float(np.mean(v)) for k, v in sorted(hits.items())})
+    out.update({(k if k.startswith("found_") else f"{k}_accuracy"): float(np.mean(v)) for k, v in sorted(hits.items())})
     if "colour_reserved" in hits:
         out["n_objects_reserved"] = len(hits["colour_reserved"])
     return out
