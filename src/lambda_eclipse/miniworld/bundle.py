@@ -203,7 +203,6 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     torch.set_num_threads(plan.threads)
     if not components_complete(components, ("unet", "scheduler")):  # checked here: the stage reloads the pools
         build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
-    _train_oracle(out, plan, config.size, plan.threads, components / "movq")
     for claim in (out / "priors").glob("*/.lane"):
         claim.unlink()
     _train_claimed_priors(out, plan, "first", _log)

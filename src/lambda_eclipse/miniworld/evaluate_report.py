@@ -89,11 +89,10 @@ def write_markdown(metrics: dict) -> str:
         cols = list(fid)
         lines += ["## Decoder fidelity (oracle read, appearance given the true object's shape)", "",
                   "| metric | " + " | ".join(CONDITION_LABELS[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-        lines += [f"| {label} | " + " | ".join(f"{fid[c][k]:.3f}" if k in fid[c] else "–" for c in cols) + " |"
-                  for k, label in FIDELITY.items()]
         found = sorted({k for c in cols for k in fid[c] if k.startswith("found_")})  # which shapes get drawn
-        lines += [f"| {k.removeprefix('found_')} found | " + " | ".join(
-            f"{fid[c][k]:.3f}" if k in fid[c] else "–" for c in cols) + " |" for k in found]
+        rows = {**FIDELITY, **{k: f"{k.removeprefix('found_')} found" for k in found}}
+        lines += [f"| {label} | " + " | ".join(f"{fid[c][k]:.3f}" if k in fid[c] else "–" for c in cols) + " |"
+                  for k, label in rows.items()]
         lines += ["| images / objects / relations | " + " | ".join(
             f"{fid[c]['n_images']} / {fid[c]['n_objects']} / {fid[c]['n_relations']}" for c in cols) + " |", ""]
     sweep = metrics.get("lambda_sweep") or {}

@@ -220,6 +220,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
     """
     tp = fp = fn = tn = 0
     hits: dict[str, list[float]] = {}
+    found: dict[str, list[float]] = {}  # found_<shape> -> 0/1 per object of that shape
 
     def add(key: str, ok: bool) -> None:
         hits.setdefault(key, []).append(float(ok))
@@ -233,7 +234,7 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
             fn, tn = fn + (not said and shape in truth), tn + (not said and shape not in truth)
         for obj in scene.objects:
             r = reading.shapes[obj.shape]
-            add(f"found_{obj.shape}", r.present >= 0.5)
+            found.setdefault(f"found_{obj.shape}", []).append(float(r.present >= 0.5))
             for suffix in ("", "_reserved") if obj.heldout else ("",):
                 add("colour" + suffix, r.colour == obj.colour)
                 add("texture" + suffix, r.texture == obj.texture)
@@ -258,7 +259,8 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
         "shape_recall": recall, "shape_f1": 2 * precision * recall / max(1e-9, precision + recall),
         "centre_error_px": float(np.mean(centre_err)) if centre_err else float("nan"),
     }
-    out.update({(k if k.startswith("found_") else f"{k}_accuracy"): float(np.mean(v)) for k, v in sorted(hits.items())})
+    out.update({f"{k}_accuracy": float(np.mean(v)) for k, v in sorted(hits.items())})
+    out.update({k: float(np.mean(v)) for k, v in sorted(found.items())})
     if "colour_reserved" in hits:
         out["n_objects_reserved"] = len(hits["colour_reserved"])
     return out
