@@ -88,6 +88,7 @@ def test_perfect_readings_score_perfectly():
     assert m["n_images"] == 60 and m["n_objects"] == sum(len(s.objects) for s in scenes)
     assert m["n_objects_reserved"] >= 60  # every held-out scene has a reserved instance
     assert m["centre_error_px"] == 0.0
+    assert m["colour_swapped"] == 0.0
     shapes = {o.shape for s in scenes for o in s.objects}
     assert {k for k in m if k.startswith("found_")} == {f"found_{shape}" for shape in shapes}
     assert all(m[f"found_{shape}"] == 1.0 for shape in shapes)
@@ -102,6 +103,21 @@ def test_found_by_shape_counts_each_object_of_that_shape():
     assert m["found_star"] == 0.0 and m["found_ball"] == 1.0
     stars = sum(o.shape == "star" for s in scenes for o in s.objects)
     assert m["shape_recall"] == pytest.approx(1 - stars / m["n_objects"])
+
+
+def test_colour_swapped_counts_binding_errors_not_wrong_hues():
+    scenes = [s for s in sample_scenes(80, seed=4, size=32, split="heldout") if len(s.objects) == 2]
+    scenes = [s for s in scenes if s.objects[0].colour != s.objects[1].colour][:6]
+    readings = [_truth_reading(s) for s in scenes]
+    for r, s in zip(readings, scenes):  # first object read in the second's colour, second in a colour nobody has
+        a, b = s.objects
+        foreign = next(c for c in COLOURS if c not in (a.colour, b.colour))
+        r.shapes[a.shape] = dataclasses.replace(r.shapes[a.shape], colour=b.colour)
+        r.shapes[b.shape] = dataclasses.replace(r.shapes[b.shape], colour=foreign)
+    m = score_readings(readings, scenes)
+    assert m["colour_accuracy"] == 0.0 and m["colour_swapped"] == 0.5
+    one = [s for s in sample_scenes(20, seed=4, size=32) if len(s.objects) == 1]
+    assert "colour_swapped" not in score_readings([_truth_reading(s) for s in one], one)
 
 
 def test_augment_is_seeded_and_in_range():

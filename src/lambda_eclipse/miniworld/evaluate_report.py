@@ -37,6 +37,7 @@ COMPOSITION = {
 BREAKDOWN = ("colour", "texture", "all_colours_right", "clip_i_subject", "background_colour", "relation", "clip_t")
 FIDELITY = {
     "shape_f1": "shape presence F1", "colour_accuracy": "colour (given the object)",
+    "colour_swapped": "colour of another object in the scene (≥2 objects)",
     "texture_accuracy": "texture (given the object)", "size_accuracy": "size (given the object)",
     "background_colour_accuracy": "background colour", "background_kind_accuracy": "background kind",
     "relation_accuracy": "relation (from centres)", "scene_exact_accuracy": "whole scene exact",

@@ -216,11 +216,14 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
 
     Returns accuracies in [0, 1] plus the counts they are over (``n_images``, ``n_objects``, ``n_relations``);
     ``*_reserved`` restrict to held-out (reserved) instances, absent when there are none; ``found_<shape>``: the
-    share of that shape's objects found (presence ≥ 0.5), for the shapes the scenes hold.
+    share of that shape's objects found (presence ≥ 0.5), for the shapes the scenes hold; ``colour_swapped``: over
+    the objects of scenes with two or more, the share read in another object's colour of the same scene (an
+    attribute-binding error rather than a wrong hue), absent when no scene has two objects.
     """
     tp = fp = fn = tn = 0
     hits: dict[str, list[float]] = {}
     found: dict[str, list[float]] = {}  # found_<shape> -> 0/1 per object of that shape
+    swapped: list[float] = []  # per object of a multi-object scene: read in another object's colour
 
     def add(key: str, ok: bool) -> None:
         hits.setdefault(key, []).append(float(ok))
@@ -239,6 +242,9 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
                 add("colour" + suffix, r.colour == obj.colour)
                 add("texture" + suffix, r.texture == obj.texture)
             add("size", r.size == obj.size)
+            if len(scene.objects) > 1:
+                others = {o.colour for o in scene.objects if o is not obj} - {obj.colour}
+                swapped.append(float(r.colour in others))
             x0, y0, x1, y1 = obj.box
             centre_err.append(float(np.hypot(r.centre[0] * scene.size - (x0 + x1) / 2,
                                              r.centre[1] * scene.size - (y0 + y1) / 2)))
@@ -260,6 +266,8 @@ def score_readings(readings: Sequence[SceneReading], scenes: Sequence[Scene]) ->
         "centre_error_px": float(np.mean(centre_err)) if centre_err else float("nan"),
     }
     out.update({f"{k}_accuracy": float(np.mean(v)) for k, v in sorted(hits.items())})
+    if swapped:
+        out["colour_swapped"] = float(np.mean(swapped))
     out.update({k: float(np.mean(v)) for k, v in sorted(found.items())})
     if "colour_reserved" in hits:
         out["n_objects_reserved"] = len(hits["colour_reserved"])
