@@ -3,6 +3,9 @@ eval and generate on the bundle through the same commands users run."""
 
 import json
 
+import torch
+from safetensors import safe_open
+
 from lambda_eclipse import LambdaEclipsePipeline
 from lambda_eclipse.cli import main
 
@@ -16,6 +19,10 @@ def test_reduced_build_eval_and_generate(tmp_path):
     pipe = LambdaEclipsePipeline.from_pretrained(tmp_path / "installed")
     assert (tmp_path / "installed-oracle" / "oracle.json").is_file()  # the judge is installed beside the model
     assert pipe.prior.config.embedding_dim == pipe.image_encoder.config.projection_dim
+    # the UNet is stored in float16 (half the bundle's disk) and loads as float32 without a torch_dtype
+    with safe_open(str(bundle / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
+    assert pipe.unet.dtype == torch.float32 and pipe.prior.dtype == torch.float32
     # Rerunning resumes: every stage is complete and skipped.
     assert main(["miniworld", "build", "--smoke", "--out", str(out)]) == 0
 
