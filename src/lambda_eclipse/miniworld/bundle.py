@@ -171,9 +171,9 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     # the encoders and the MoVQ first: every later stage reads them
     components = build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("clip", "movq"))
     # Then two lanes of one thread each (small models use two 1-thread processes better than one 2-thread one):
-    # the second runs the UNet (the longest stage, ~65 min), this one the features, the shipped prior and the oracle
-    # (~75 min), and both then take the sweep's priors as they come free (a claim file per run). That balance is what
-    # keeps the full build inside its 2-hour budget on 2 cores.
+    # the second runs the UNet (the longest stage, 66 min measured), this one the features, the shipped prior and the
+    # oracle (55 min), and both then take the sweep's priors as they come free (a claim file per run). That balance
+    # is what keeps the full build inside its 2-hour budget on 2 cores (112 min measured from an empty folder).
     for claim in (out / "priors").glob("*/.lane"):  # claims of an interrupted earlier build
         claim.unlink()
     second = None
