@@ -1,16 +1,23 @@
-"""`lambda-eclipse generate` / `encode-subject`: outputs, metadata, and one-line errors that write nothing."""
+"""`lambda-eclipse`: outputs, metadata, one-line errors that write nothing, an instant --help, the bundled model."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import lambda_eclipse
+from lambda_eclipse import cli as cli_module
 from lambda_eclipse import encoders
-from lambda_eclipse.cli import main
+from lambda_eclipse.cli import GenerateArgs, default_model, generate, main
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(lambda_eclipse.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +26,15 @@ def model_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("model") / "tiny"
     tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_only_dir(tmp_path_factory):
+    from tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("model") / "text-only"
+    tiny_pipeline(additional_embeddings=3).save_pretrained(path)
     return path
 
 
@@ -44,7 +60,7 @@ def test_generate_writes_pngs_with_metadata(model_dir, dog_png, tmp_path, capsys
     assert image.text["prompt"] == "a Dog on the beach" and image.text["seed"] == "7"
     assert json.loads(image.text["subjects"]) == {"dog": str(dog_png)}
     assert json.loads(image.text["settings"])["steps"] == 2
-    assert not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.iterdir()) == [f.name for f in files]  # no temporaries left beside them
     # Same seed, same image; a subject embedding file stands in for the image.
     emb = tmp_path / "dog.safetensors"
     assert cli("encode-subject", f"dog={dog_png}", "--out", emb, "--model", model_dir) == 0
@@ -76,6 +92,20 @@ def bad_files(tmp_path):
         (["generate", "a dog", "--subject", "dog=MISSING"], "does not exist"),
         (["generate", "a dog", "--subject", "dog"], "malformed subject"),
         (["generate", "a dog", "--subject", "dog=DOG", "--subject", "Dog=DOG"], "given twice"),
+        (["generate", "a dog", "--subject", "dog=DOG", "--subject", "dog=DOG"], "given twice"),
+        (["generate", "a dog", "--subject", "Dog!=DOG", "--subject", "dog=TEXT"], "'dog' is given twice"),
+        (["generate", "a dog", "--subject", "!!=DOG"], "is empty"),
+        (["generate", "a dog", "--subject", "dog=NOEMB"], "subject embedding file"),
+        (["generate", "a dog", "--edge", "MISSING"], "edge image file"),
+        (["generate", "a dog", "--edge", "TEXT"], "not an image"),
+        (["generate", "a dog", "--subject", "dog=DOG", "--model", "TEXTONLY"], "subjects need a λ-ECLIPSE prior"),
+        (["generate", "a dog", "--height", "18"], "--height must be a positive multiple of 4 px"),
+        (["generate", "a dog", "--width", "0"], "--width must be a positive whole number"),
+        (["generate", "a dog", "-n", "0"], "-n must be a positive whole number"),
+        # Model-independent mistakes are found before any model loads (this --model would fail to load).
+        (["generate", "a dog", "--steps", "0", "--model", "NOWHERE"], "--steps must be"),
+        (["generate", "a dog", "--subject", "cat=DOG", "--model", "NOWHERE"], "does not occur"),
+        (["generate", "a dog", "--subject", "dog=MISSING", "--model", "NOWHERE"], "does not exist"),
         (["generate", "a dog", "--subject", "cat=DOG"], "does not occur"),
         (["generate", "  "], "prompt is empty"),
         (["generate", "a " * 80], "at most 77"),
@@ -90,12 +120,13 @@ def bad_files(tmp_path):
         (["encode-subject", "dog=DOG", "--out", "x.bin"], ".safetensors"),
     ],
 )
-def test_user_errors_are_one_line_and_write_nothing(args, message, model_dir, dog_png, tmp_path, capsys):
+def test_user_errors_are_one_line_and_write_nothing(args, message, model_dir, text_only_dir, dog_png, tmp_path, capsys):
     text, truncated = bad_files(tmp_path)
     (tmp_path / "afile").write_text("")
     (tmp_path / "nowhere").mkdir()
     subs = {"MISSING": str(tmp_path / "missing.png"), "DOG": str(dog_png), "TEXT": str(text), "TRUNC": str(truncated),
-            "AFILE": str(tmp_path / "afile"), "NOWHERE": str(tmp_path / "nowhere")}
+            "AFILE": str(tmp_path / "afile"), "NOWHERE": str(tmp_path / "nowhere"),
+            "NOEMB": str(tmp_path / "none.safetensors"), "TEXTONLY": str(text_only_dir)}
     argv = [subs.get(a.split("=")[-1], a) if "=" not in a else a.split("=")[0] + "=" + subs.get(a.split("=")[1], a.split("=")[1]) for a in args]
     if "--model" not in argv:
         argv += ["--model", str(model_dir)]
@@ -128,3 +159,95 @@ def test_console_script_error_has_no_traceback(tmp_path):
                              f"dog={tmp_path / 'none.png'}"], capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_generate_is_a_function_that_decodes_each_image_once(model_dir, dog_png, tmp_path, monkeypatch):
+    opened = []
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    edge = tmp_path / "edge.png"
+    Image.new("RGB", (32, 32), "white").save(edge)
+    monkeypatch.setattr(Image, "open", counting_open)
+    written = generate(GenerateArgs("a dog on the beach", subjects={"dog": str(dog_png)}, edge=str(edge), num_images=2,
+                                    steps=1, model=str(model_dir), out=str(tmp_path / "o"), progress=False))
+    assert written == [tmp_path / "o" / f"a-dog-on-the-beach-seed{i}.png" for i in (0, 1)]
+    assert all(path.is_file() for path in written)
+    # checked and decoded once by the CLI; the pipeline gets the PIL images, not the paths
+    assert sorted(opened) == sorted([str(dog_png), str(edge)])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["miniworld", "eval", "--help"]])
+def test_help_imports_neither_torch_nor_diffusers(argv):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "lambda_eclipse.cli", *argv],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: lambda-eclipse")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert {"argparse", "lambda_eclipse", "lambda_eclipse.errors"} <= imported  # the log lists what was imported
+    assert sorted(m for m in imported if m.split(".")[0] in {"torch", "diffusers", "transformers"}) == []
+
+
+def test_package_names_resolve_lazily():
+    expected = {"LambdaEclipsePipeline": "pipeline", "LambdaEclipsePipelineOutput": "pipeline",
+                "LambdaEclipsePriorOutput": "pipeline", "LambdaEclipsePrior": "prior", "UserError": "errors",
+                "bind_subjects": "conditioning", "interleave_prompts": "conditioning",
+                "locate_subject_tokens": "conditioning", "subject_token_index": "conditioning"}
+    assert sorted(lambda_eclipse.__all__) == sorted(expected)
+    for name, module in expected.items():
+        assert getattr(lambda_eclipse, name) is getattr(importlib.import_module(f"lambda_eclipse.{module}"), name)
+        assert name in dir(lambda_eclipse)
+    assert lambda_eclipse.encoders is encoders
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        lambda_eclipse.nothing
+
+
+def test_default_model_is_package_data_then_env_then_hub(monkeypatch, tmp_path):
+    from lambda_eclipse import hub, pipeline
+
+    monkeypatch.delenv("LAMBDA_ECLIPSE_MODEL", raising=False)
+    assert cli_module.BUNDLED_MODEL == PACKAGE / "models" / "miniworld"
+    assert default_model() == str(PACKAGE / "models" / "miniworld")
+    assert (PACKAGE / "models" / "miniworld" / "model_index.json").is_file()
+    assert (PACKAGE / "models" / "miniworld-oracle" / "oracle.json").is_file()
+    if (ROOT / "models").is_symlink():  # a checkout: the documented models/miniworld is the package data
+        assert os.readlink(ROOT / "models") == "src/lambda_eclipse/models"
+        assert (ROOT / "models" / "miniworld").resolve() == PACKAGE / "models" / "miniworld"
+    monkeypatch.setenv("LAMBDA_ECLIPSE_MODEL", str(tmp_path))
+    assert default_model() == str(tmp_path)
+    monkeypatch.delenv("LAMBDA_ECLIPSE_MODEL")
+    monkeypatch.setattr(cli_module, "BUNDLED_MODEL", tmp_path / "absent")
+    assert default_model() == hub.DEFAULT_PRIOR == pipeline.DEFAULT_PRIOR == "ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0"
+    assert not hasattr(cli_module, "HUB_MODEL")  # one constant for the Hub prior
+
+
+def test_miniworld_eval_flags_reach_the_evaluation(monkeypatch, tmp_path, capsys):
+    from lambda_eclipse.miniworld import evaluate
+
+    seen = {}
+
+    def fake_eval(model_dir, oracle_path, out_dir, num_prompts, seed, priors, config):
+        seen.update(model=model_dir, oracle=oracle_path, out=out_dir, num_prompts=num_prompts, seed=seed,
+                    priors=priors, config=config)
+        return {"ok": True}
+
+    monkeypatch.setattr(evaluate, "run_miniworld_eval", fake_eval)
+    out = tmp_path / "eval"
+    assert main(["miniworld", "eval", "--out", str(out), "--num-prompts", "3", "--seed", "5", "--steps", "2",
+                 "--guidance", "3.5", "--images-per-prompt", "1", "--threads", "2", "--prior", "λ=0.5=runs/p"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "metrics.md")
+    config = seen.pop("config")
+    assert seen == {"model": str(cli_module.BUNDLED_MODEL), "oracle": str(cli_module.BUNDLED_ORACLE), "out": str(out),
+                    "num_prompts": 3, "seed": 5, "priors": {"λ=0.5": "runs/p"}}
+    assert (config.num_inference_steps, config.guidance_scale, config.images_per_prompt, config.threads) == (2, 3.5, 1, 2)
+    seen.clear()
+    assert main(["miniworld", "eval", "--out", str(out), "--prior", "no-equals-sign"]) == 2
+    assert "LABEL=DIR" in capsys.readouterr().err and seen == {}  # refused before the evaluation runs
+
+
+def test_writes_go_through_the_atomic_helper():
+    for name in ("cli.py", "pipeline.py"):
+        source = (PACKAGE / name).read_text()
+        assert "os.replace" not in source and "atomic_path" in source, name

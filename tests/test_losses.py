@@ -1,4 +1,5 @@
-"""Eq. 1 loss: values against explicit loops, conventions, and the cross-rank gather on 2 gloo processes."""
+"""The losses: Eq. 1 against explicit loops and its cross-rank gather on 2 gloo processes; Eq. 2's targets and
+Min-SNR weights against their formulas."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lambda_eclipse.losses import PriorLoss, contrastive_loss, prior_loss
+from lambda_eclipse.losses import contrastive_loss, decoder_loss, diffusion_target, prior_loss
 
 
 def _hand_loss(pred, target, text, lam: float, tau: float) -> tuple[float, float, float]:
@@ -55,12 +56,8 @@ def test_conventions() -> None:
     assert only_mse["loss"].item() == pytest.approx(base["mse"].item())
     # Rows are images, columns texts: predictions equal to their own texts retrieve perfectly.
     assert prior_loss(text.clone(), target, text)["accuracy"].item() == 1.0
-    module = PriorLoss(lambda_contrastive=0.2, temperature=0.01)
-    assert module(pred, target, text)["loss"].item() == pytest.approx(base["loss"].item())
     with pytest.raises(ValueError):
         prior_loss(pred, target[:, :8], text)
-    with pytest.raises(ValueError):
-        PriorLoss(temperature=0.0)
 
 
 def test_gradients_flow_and_loss_can_reach_its_minimum() -> None:
@@ -148,8 +145,45 @@ def test_gathered_loss_on_two_gloo_processes(tmp_path) -> None:
         torch.testing.assert_close(res["grad_text"] / world, text.grad[rows], rtol=1e-5, atol=1e-7)
 
 
-def test_contrastive_without_process_group_is_local() -> None:
-    x = torch.randn(4, 8)
-    loss_gathered, _ = contrastive_loss(x, x, gather=True)
-    loss_local, _ = contrastive_loss(x, x, gather=False)
-    assert loss_gathered.item() == loss_local.item()
+def test_contrastive_without_process_group_scores_the_local_batch() -> None:
+    g = torch.Generator().manual_seed(5)
+    pred, text = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    loss, accuracy = contrastive_loss(pred, text, temperature=0.5, gather=True)  # no process group: nothing to gather
+    logits = torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T / 0.5
+    expected = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert accuracy.item() == pytest.approx((logits.argmax(1) == torch.arange(4)).float().mean().item())
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type)
+
+
+def test_diffusion_targets_follow_the_prediction_type() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = _scheduler("epsilon").alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.equal(diffusion_target(_scheduler("epsilon"), x0, eps, t), eps)
+    v = diffusion_target(_scheduler("v_prediction"), x0, eps, t)
+    assert torch.allclose(v, a.sqrt() * eps - (1 - a).sqrt() * x0, atol=1e-6)
+    assert torch.equal(diffusion_target(_scheduler("sample"), x0, eps, t), x0)
+
+
+def test_decoder_loss_is_the_mse_with_min_snr_weights() -> None:
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t = torch.tensor([5, 400, 990])
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert decoder_loss(pred, target, t, _scheduler("epsilon"))["loss"].item() == pytest.approx(per_sample.mean().item())
+    a = _scheduler("epsilon").alphas_cumprod[t]
+    snr = a / (1 - a)
+    for kind, weight in (("epsilon", snr.clamp(max=5) / snr), ("v_prediction", snr.clamp(max=5) / (snr + 1))):
+        weighted = decoder_loss(pred, target, t, _scheduler(kind), snr_gamma=5.0)
+        assert weighted["loss"].item() == pytest.approx((weight * per_sample).mean().item(), rel=1e-5)
+        assert weighted["mse"].item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    # the noisiest step has SNR < 5, so its ε weight is 1 and the cleanest's is 5 / SNR ≈ 0.03
+    assert (snr.clamp(max=5) / snr)[2] == 1.0 and (snr.clamp(max=5) / snr)[0] < 0.05

@@ -10,26 +10,31 @@ from lambda_eclipse import LambdaEclipsePipeline
 from lambda_eclipse.cli import main
 
 
-def test_reduced_build_eval_and_generate(tmp_path):
-    out = tmp_path / "mw"
-    assert main(["miniworld", "build", "--smoke", "--out", str(out), "--install", str(tmp_path / "installed")]) == 0
+def test_reduced_build_eval_and_generate(smoke_build, tmp_path):
+    out = smoke_build  # `miniworld build --smoke --install <out>/../smoke-installed`, shared with other tests
+    installed = out.parent / "smoke-installed"
     bundle = out / "bundle"
     for part in ["prior", "text_encoder", "tokenizer", "image_encoder", "image_processor", "unet", "scheduler", "movq"]:
         assert (bundle / part).is_dir(), part
-    pipe = LambdaEclipsePipeline.from_pretrained(tmp_path / "installed")
-    assert (tmp_path / "installed-oracle" / "oracle.json").is_file()  # the judge is installed beside the model
+    pipe = LambdaEclipsePipeline.from_pretrained(installed)
+    assert (out.parent / "smoke-installed-oracle" / "oracle.json").is_file()  # the judge is installed beside the model
     assert pipe.prior.config.embedding_dim == pipe.image_encoder.config.projection_dim
     # the UNet is stored in float16 (half the bundle's disk) and loads as float32 without a torch_dtype
     with safe_open(str(bundle / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}
     assert pipe.unet.dtype == torch.float32 and pipe.prior.dtype == torch.float32
-    # Rerunning resumes: every stage is complete and skipped.
+    # Rerunning resumes: every stage is complete and skipped, no trained component is rewritten.
+    trained = [out / "components-build" / "components", out / "priors", out / "oracle"]
+    stamps = {p: p.stat().st_mtime_ns for d in trained for p in d.rglob("*") if p.is_file()}
+    assert len(stamps) > 10
     assert main(["miniworld", "build", "--smoke", "--out", str(out)]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for d in trained for p in d.rglob("*") if p.is_file()}
 
-    assert main(["miniworld", "eval", "--model", str(bundle), "--oracle", str(tmp_path / "installed-oracle"), "--out",
+    assert main(["miniworld", "eval", "--model", str(bundle), "--oracle", str(out.parent / "smoke-installed-oracle"), "--out",
                  str(tmp_path / "eval"), "--num-prompts", "4", "--steps", "2", "--images-per-prompt", "1"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics and (tmp_path / "eval" / "grid.png").stat().st_size > 0
+    assert metrics["num_prompts"] == 4 and metrics["oracle_movq_matches"] is True  # the build's judge saw this MoVQ
+    assert (tmp_path / "eval" / "grid.png").stat().st_size > 0
     assert "|" in (tmp_path / "eval" / "metrics.md").read_text()
 
     crop = tmp_path / "ball.png"

@@ -1,7 +1,6 @@
 """The miniature-world eval harness end to end on a tiny random pipeline and a few-step oracle (plumbing only:
 the numbers mean nothing here)."""
 
-import argparse
 import json
 
 import numpy as np
@@ -16,8 +15,6 @@ from lambda_eclipse.miniworld.evaluate import (
     BUCKETS,
     CONDITIONS,
     EvalConfig,
-    add_eval_arguments,
-    eval_command,
     eval_scenes,
     run_miniworld_eval,
 )
@@ -46,8 +43,8 @@ def world_pipe():
 
 @pytest.fixture(scope="module")
 def oracle_dir(tmp_path_factory):
-    return train_oracle(tmp_path_factory.mktemp("oracle"), size=16, steps=3, batch=8, scenes=24, eval_scenes=0,
-                        log_every=0)
+    return train_oracle(tmp_path_factory.mktemp("oracle") / "oracle", size=16, steps=3, batch=8, scenes=24,
+                        eval_scenes=0)
 
 
 def test_eval_scenes_are_balanced_heldout():
@@ -73,8 +70,10 @@ def test_run_writes_reports_with_counts(world_pipe, oracle_dir, tmp_path):
         assert c["colour"]["all"]["n"] == subjects and c["clip_i_render"]["all"]["n"] == 12
         assert c["all_colours_right"]["2"]["n"] == 4 and "1" not in c["all_colours_right"]
         assert c["relation"]["all"]["n"] == 2 * (2 * 1 + 2 * 2)
-        for key in ("texture", "dino_subject", "background_colour", "background_kind", "clip_t"):
-            assert 0 <= c[key]["all"]["n"] and np.isfinite(c[key]["all"]["mean"])
+        for key in ("texture", "dino_subject"):  # one value per subject of every image
+            assert c[key]["all"]["n"] == subjects and np.isfinite(c[key]["all"]["mean"])
+        for key in ("background_colour", "background_kind", "clip_t"):  # one value per image
+            assert c[key]["all"]["n"] == 12 and np.isfinite(c[key]["all"]["mean"])
     assert m["conditions"]["render"]["clip_i_render"]["all"]["mean"] == pytest.approx(1.0, abs=1e-5)
     assert set(m["decoder_fidelity"]) == {"render", "gt_embedding"}
     assert m["decoder_fidelity"]["gt_embedding"]["n_images"] == 12
@@ -95,18 +94,20 @@ def test_same_seed_same_metrics(world_pipe, oracle_dir, tmp_path):
     assert a["conditions"] == b["conditions"]
 
 
-def test_cli_entry_loads_a_saved_model(world_pipe, oracle_dir, tmp_path):
+def test_cli_entry_loads_a_saved_model(world_pipe, oracle_dir, tmp_path, capsys):
+    from lambda_eclipse.cli import main
+
     world_pipe.save_pretrained(tmp_path / "model")
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser, model=str(tmp_path / "model"), oracle=str(oracle_dir))  # the defaults
-    ns = parser.parse_args(["--out", str(tmp_path / "out"), "--num-prompts", "3", "--images-per-prompt", "1",
-                            "--steps", "2"])
-    m = eval_command(ns)
+    args = ["miniworld", "eval", "--model", str(tmp_path / "model"), "--oracle", str(oracle_dir), "--out",
+            str(tmp_path / "out"), "--num-prompts", "3", "--images-per-prompt", "1", "--steps", "2"]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["images_per_condition"] == 3 and (tmp_path / "out" / "metrics.md").is_file()
     assert m["oracle_movq_matches"] is None  # this oracle trained without MoVQ reconstructions
-    ns.prior = ["no-equals-sign"]
-    with pytest.raises(UserError):
-        eval_command(ns)
+    capsys.readouterr()
+    assert main(args + ["--prior", "no-equals-sign"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "LABEL=DIR" in err[0]
 
 
 def test_grid_labels_are_drawable_by_the_default_font():

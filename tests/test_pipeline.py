@@ -1,11 +1,13 @@
-"""LambdaEclipsePipeline end to end on tiny components."""
+"""LambdaEclipsePipeline end to end on tiny components, and check_inputs, the one place inputs are validated."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lambda_eclipse import LambdaEclipsePipeline, UserError
+from lambda_eclipse import LambdaEclipsePipeline, LambdaEclipsePriorOutput, UserError
+from lambda_eclipse import pipeline as pipeline_module
+from lambda_eclipse.pipeline import check_inputs
 from tiny import tiny_pipeline
 
 
@@ -41,13 +43,16 @@ def test_subjects_edge_and_embeddings_change_the_prior(tiny_pipe, tmp_path):
     def embeds(**kw):
         return tiny_pipe.prior_embeddings("a dog on the beach", generator=torch.Generator().manual_seed(0), **kw)
 
-    text_only = embeds().image_embeds
+    first = embeds()
+    assert type(first) is LambdaEclipsePriorOutput  # the pipeline's prior-only output
+    text_only = first.image_embeds
     with_subject = embeds(subjects={"dog": picture(1)}).image_embeds
     with_edge = embeds(subjects={"dog": picture(1)}, edge_image=picture(2)).image_embeds
     assert not torch.allclose(text_only, with_subject) and not torch.allclose(with_subject, with_edge)
     # A saved subject embedding, an RGBA image composited on white, and a raw tensor all work.
     saved = tmp_path / "dog.safetensors"
     vector = tiny_pipe.save_subject_embedding("dog", picture(1), saved)
+    assert [p.name for p in tmp_path.iterdir()] == ["dog.safetensors"]  # written atomically: no temporary left
     assert torch.allclose(embeds(subjects={"dog": str(saved)}).image_embeds, with_subject)
     assert torch.allclose(embeds(subjects={"dog": vector}).image_embeds, with_subject)
     rgba = picture(1, mode="RGBA")
@@ -91,3 +96,102 @@ def test_prior_only_folder_and_text_only_prior(tmp_path):
 def test_call_errors(tiny_pipe, kwargs, message):
     with pytest.raises(UserError, match=message):
         tiny_pipe("a cat", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ check_inputs
+GOOD = dict(prompt="a dog on the beach", subjects={"dog": "dog.png"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=7), "prompt must be a string"),
+        (dict(prompt=[]), "no prompt given"),
+        (dict(prompt=["a dog", None]), "every prompt must be a string"),
+        (dict(prompt=" \t"), "prompt is empty"),
+        (dict(prompt=["a dog", ""]), "prompt is empty"),
+        (dict(subjects=["dog.png"]), "subjects must map"),
+        (dict(subjects={3: "dog.png"}), "must be a string"),
+        (dict(subjects={"!!": "dog.png"}), "is empty"),
+        (dict(subjects={"Dog": "a.png", "dog!": "b.png"}), "'dog' is given twice"),
+        (dict(subjects={"dog": 3.5}), "is a float"),
+        (dict(subjects={"cat": "cat.png"}), "'cat' does not occur"),
+        (dict(prompt=["a dog", "a cat"]), "'dog' does not occur in the prompt 'a cat'"),
+        (dict(edge_image=5), "edge_image is a int"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(guidance_scale="7"), "guidance_scale"),
+        (dict(guidance_scale=True), "guidance_scale"),
+        (dict(num_inference_steps=0), "num_inference_steps must be a positive whole number"),
+        (dict(num_inference_steps=2.0), "num_inference_steps"),
+        (dict(num_inference_steps=True), "num_inference_steps"),
+        (dict(num_images_per_prompt=-1), "num_images_per_prompt"),
+        (dict(num_images_per_prompt=False), "num_images_per_prompt"),
+        (dict(height=0), "height must be a positive whole number of px"),
+        (dict(width=16.0), "width"),
+        (dict(height=True), "height"),
+        (dict(scheduler="euler"), "unknown scheduler 'euler'; choose one of ddpm, ddim"),
+        (dict(scheduler=["ddim"]), "unknown scheduler"),
+        (dict(output_type="jpeg"), "unknown output_type"),
+        (dict(generator=[torch.Generator()] * 3), "3 generators given for 1 images"),
+        (dict(prompt=["a dog", "a dog"], num_images_per_prompt=2, generator=[torch.Generator()] * 3), "for 4 images"),
+        (dict(generator=7), "torch.Generator"),
+        (dict(generator=[torch.Generator(), 7]), "torch.Generator"),
+    ],
+)
+def test_check_inputs_without_a_model(kwargs, message):
+    with pytest.raises(UserError) as error:
+        check_inputs(**{**GOOD, **kwargs})
+    text = str(error.value)
+    assert message in text and "\n" not in text
+
+
+def test_check_inputs_accepts_good_inputs_and_leaves_model_checks_to_the_model(tiny_pipe):
+    ok = dict(prompt=["a Dog! and a guinea-pig", "the guinea pig on the dog"],
+              subjects={"dog": picture(), "Guinea Pig": torch.zeros(32)},
+              edge_image=picture(), num_images_per_prompt=2, guidance_scale=np.float32(4),
+              generator=[torch.Generator() for _ in range(4)], scheduler="ddim", output_type="np")
+    check_inputs(**ok)  # no error
+    check_inputs(**{**GOOD, "height": 18})  # the size step is the model's: not checked without one
+    with pytest.raises(UserError, match="height must be a positive multiple of 4 px"):
+        check_inputs(**{**GOOD, "height": 18}, pipeline=tiny_pipe)
+    with pytest.raises(UserError, match="multiple of 4"):
+        tiny_pipe.check_inputs("a cat", width=6)  # the method passes pipeline=self
+    tiny_pipe.check_inputs("a cat", width=8, output_type="np")
+    tiny_pipe.check_inputs("a cat", width=6, output_type="embeds")  # no decoder run, so no size step
+    with pytest.raises(UserError, match="^--steps must be"):
+        check_inputs("a cat", num_inference_steps=0, names={"num_inference_steps": "--steps"})
+
+
+def test_check_inputs_model_dependent(tiny_pipe):
+    text_only = tiny_pipeline(additional_embeddings=3)
+    check_inputs("a dog", subjects={"dog": "dog.png"}, edge_image="edge.png")  # fine for some model
+    with pytest.raises(UserError, match="subjects need a λ-ECLIPSE prior"):
+        check_inputs("a dog", subjects={"dog": "dog.png"}, pipeline=text_only)
+    with pytest.raises(UserError, match="edge map needs a λ-ECLIPSE prior"):
+        text_only.prior_embeddings("a dog", edge_image=picture())
+    prior_only = LambdaEclipsePipeline(**{**tiny_pipe.components, "unet": None, "scheduler": None, "movq": None})
+    with pytest.raises(UserError, match="no decoder"):
+        prior_only("a dog")
+    assert prior_only("a dog", output_type="embeds").image_embeds.shape == (1, 32)
+
+
+@pytest.mark.parametrize("entry", ["call", "prior_embeddings"])
+def test_entry_points_check_inputs_first(tiny_pipe, monkeypatch, entry):
+    calls = []
+    original = pipeline_module.check_inputs
+
+    def spy(*args, **kwargs):
+        calls.append(("check", kwargs.get("pipeline")))
+        return original(*args, **kwargs)
+
+    def encode(*args, **kwargs):
+        calls.append(("encode", None))
+        raise AssertionError("a subject was encoded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline_module, "check_inputs", spy)
+    monkeypatch.setattr(tiny_pipe, "encode_subject", encode)
+    entry_point = tiny_pipe if entry == "call" else tiny_pipe.prior_embeddings
+    with pytest.raises(UserError, match="num_images_per_prompt"):
+        entry_point("a dog", subjects={"dog": picture()}, num_images_per_prompt=0)
+    assert calls == [("check", tiny_pipe)]  # checked once, with the model, before any encoding

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lambda_eclipse import LambdaEclipsePrior, UserError
+from lambda_eclipse import LambdaEclipsePrior, UserError, prior as prior_module
+from lambda_eclipse.prior import LambdaEclipsePriorTransformerOutput
 from released_prior import ReleasedPrior
 from tiny import randomize
 
@@ -136,3 +137,15 @@ def test_bad_inputs_raise_user_errors():
         prior(**dict(x, encoder_hidden_states=torch.zeros(1, 78, 16), attention_mask=None))
     with pytest.raises(UserError, match="norm_in_type"):
         LambdaEclipsePrior(norm_in_type="layer")
+
+
+def test_forward_output_has_one_name():
+    """The network's output is LambdaEclipsePriorTransformerOutput; LambdaEclipsePriorOutput is the pipeline's."""
+    prior = LambdaEclipsePrior(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=16).eval()
+    x = inputs(dict(RELEASED_CONFIG, embedding_dim=16), [4, 2])
+    with torch.no_grad():
+        out = prior(**x)
+        as_tuple = prior(**x, return_dict=False)
+    assert type(out) is LambdaEclipsePriorTransformerOutput and out.predicted_image_embedding.shape == (2, 16)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.predicted_image_embedding)
+    assert not hasattr(prior_module, "LambdaEclipsePriorOutput")

@@ -59,26 +59,34 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
     return Path(path)
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``path``; on success it replaces the folder ``path``.
+def publish_dir(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the complete folder ``source`` (on the same file system) into place as ``path``, replacing it.
 
     An existing ``path`` is first moved aside and deleted only after the new folder is in place, so at every
     moment one complete folder is there (or, for an instant between the two renames, none: never a partial one).
     """
+    final = Path(path)
+    old = None
+    if final.exists():
+        old = _temporary_beside(final, "old")
+        _commit(final, old)
+    _commit(Path(source), final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it replaces the folder ``path``
+    (see :func:`publish_dir`). On error the temporary folder is removed and ``path`` is untouched."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_beside(final, "tmp")
     temporary.mkdir()
     try:
         yield temporary
-        old = None
-        if final.exists():
-            old = _temporary_beside(final, "old")
-            _commit(final, old)
-        _commit(temporary, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(temporary, final)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)

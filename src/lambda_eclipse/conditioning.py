@@ -1,8 +1,12 @@
 """The λ binding: a prompt's subject words take their subject's CLIP image embedding in the text token states.
 
-This module owns the binding for the whole project. The generation pipeline, the dataset builder and the prior
-trainer all go through :func:`locate_subject_tokens` (which tokens belong to which subject word) and
-:func:`bind_subjects` (the substitution itself), so training and inference cannot disagree.
+This module owns the binding for the whole project, in three steps that the generation pipeline, the dataset
+builder and the prior trainer share, so training and inference cannot disagree:
+
+1. :func:`locate_subject_tokens`: which token ranges belong to which subject word (every occurrence).
+2. :func:`subject_token_index`: those ranges as a per-token owner index, (L,) long, -1 for text tokens. The builder
+   stores it in the feature store (``token_subject``); :func:`interleave_prompts` builds it at inference.
+3. :func:`bind_subjects`: the substitution itself, from token states, subject embeddings and that index.
 
 Differences from the released code, which matched BPE *ids* anywhere in the prompt: words are matched whole
 (case-insensitive, punctuation-tolerant, multi-token and multi-word), every occurrence is bound, subjects may not
@@ -96,28 +100,27 @@ def locate_subject_tokens(tokenizer, prompt: str, words: list[str], max_length: 
     return SubjectTokens(input_ids=input_ids, spans=spans)
 
 
-def subject_token_index(
-    spans: torch.Tensor, subject_mask: torch.Tensor, seq_len: int
-) -> torch.Tensor:
-    """Turn per-subject token spans into a per-token subject index.
+def subject_token_index(located: SubjectTokens, length: int | None = None) -> torch.Tensor:
+    """The per-token form of the binding: which subject owns each token of a located prompt.
+
+    Subjects are numbered in the order of ``located.spans`` (the order the words were given); every occurrence
+    of a word is owned by its subject. The feature store keeps this index row for row with the token states, and
+    :func:`interleave_prompts` builds the same index at inference, so both bind the same tokens.
 
     Args:
-        spans: (B, S, K, 2) or (B, S, 2) [start, end) token ranges; K occurrences per subject (padding: start=end).
-        subject_mask: (B, S) bool, True for real subjects.
-        seq_len: L, the token length of the states to bind.
+        located: the output of :func:`locate_subject_tokens`.
+        length: tokens to cover (default: the prompt's real tokens, BOS..EOS); positions past the prompt are -1.
 
     Returns:
-        (B, L) long: the subject that owns each token, or -1.
+        (length,) long: the owning subject's index, or -1 for tokens that stay text.
     """
-    if spans.dim() == 3:
-        spans = spans.unsqueeze(2)
-    positions = torch.arange(seq_len, device=spans.device)
-    start, end = spans[..., 0, None], spans[..., 1, None]  # (B, S, K, 1)
-    inside = (positions >= start) & (positions < end) & subject_mask[:, :, None, None].bool()  # (B, S, K, L)
-    owned = inside.any(dim=2)  # (B, S, L)
-    index = torch.full(owned.shape[::2], -1, dtype=torch.long, device=spans.device)  # (B, L)
-    for s in range(owned.shape[1]):
-        index = torch.where(owned[:, s], s, index)
+    length = len(located.input_ids) if length is None else length
+    if length < len(located.input_ids):
+        raise ValueError(f"length {length} is shorter than the prompt's {len(located.input_ids)} tokens")
+    index = torch.full((length,), -1, dtype=torch.long)
+    for s, spans in enumerate(located.spans.values()):
+        for start, end in spans:
+            index[start:end] = s
     return index
 
 
@@ -129,32 +132,21 @@ def bind_subjects(
     Args:
         token_states: (B, L, D) last-layer text token states.
         subject_embeds: (B, S, D) subject image embeddings (projected CLIP image embeddings).
-        token_subject: (B, L) long, the subject index that owns each token, or -1 (see :func:`subject_token_index`).
+        token_subject: (B, L) integer, the subject index that owns each token, or -1
+            (see :func:`subject_token_index`; the feature store's ``token_subject``).
 
     Returns:
         (B, L, D) interleaved token states; unbound tokens are unchanged.
     """
     if subject_embeds.shape[1] == 0:
         return token_states
+    token_subject = token_subject.to(device=token_states.device, dtype=torch.long)
     gathered = torch.gather(
         subject_embeds.to(token_states.dtype),
         1,
         token_subject.clamp(min=0)[..., None].expand(-1, -1, token_states.shape[-1]),
     )
     return torch.where((token_subject >= 0)[..., None], gathered, token_states)
-
-
-def spans_tensor(located: list[SubjectTokens], words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the spans of ``words`` for a batch of prompts: (B, S, K, 2) long spans and (B, S) bool subject mask."""
-    most = max((len(t.spans.get(w, [])) for t in located for w in words), default=1)
-    spans = torch.zeros(len(located), len(words), max(most, 1), 2, dtype=torch.long)
-    mask = torch.zeros(len(located), len(words), dtype=torch.bool)
-    for b, tokens in enumerate(located):
-        for s, word in enumerate(words):
-            for k, span in enumerate(tokens.spans.get(word, [])):
-                spans[b, s, k] = torch.tensor(span)
-                mask[b, s] = True
-    return spans, mask
 
 
 @dataclass
@@ -185,9 +177,8 @@ def interleave_prompts(tokenizer, text_encoder, prompts: list[str], subjects: di
     text = encode_text(tokenizer, text_encoder, prompts)
     if not words:
         return InterleavedPrompt(text.token_states, text.attention_mask, text.pooled)
-    words = list(located[0].spans)  # normalised spellings, in the order given
-    spans, mask = spans_tensor(located, words)
-    embeds = torch.stack(list(subjects.values()))  # (S, D)
+    padded = text.token_states.shape[1]
+    index = torch.stack([subject_token_index(t, padded) for t in located]).to(text.token_states.device)  # (B, L)
+    embeds = torch.stack(list(subjects.values()))  # (S, D), in the order of the words, as the index numbers them
     embeds = embeds.to(text.token_states)[None].expand(len(prompts), -1, -1)
-    index = subject_token_index(spans.to(embeds.device), mask.to(embeds.device), text.token_states.shape[1])
     return InterleavedPrompt(bind_subjects(text.token_states, embeds, index), text.attention_mask, text.pooled)

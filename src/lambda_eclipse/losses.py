@@ -1,4 +1,6 @@
-"""Eq. 1 of the paper: projection MSE + λ · contrastive (image → text InfoNCE), with negatives across ranks.
+"""Every loss of the project: Eq. 1 (the prior), Eq. 2 (the decoder UNet) and CLIP's contrastive loss.
+
+Eq. 1 of the paper: projection MSE + λ · contrastive (image → text InfoNCE), with negatives across ranks.
 
 .. math::
 
@@ -34,7 +36,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 DEFAULT_TEMPERATURE = 0.01
 DEFAULT_LAMBDA = 0.2
@@ -161,24 +162,75 @@ def prior_loss(
     }
 
 
-class PriorLoss(nn.Module):
-    """:func:`prior_loss` with its hyper-parameters fixed at construction (no parameters of its own)."""
+# ------------------------------------------------------------------------------------------------ Eq. 2
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the decoder UNet must predict, following ``scheduler.config.prediction_type``.
 
-    def __init__(
-        self, lambda_contrastive: float = DEFAULT_LAMBDA, temperature: float = DEFAULT_TEMPERATURE, gather: bool = True
-    ) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.lambda_contrastive, self.temperature, self.gather = lambda_contrastive, temperature, gather
+    latents, noise: (B, C, h, w); timesteps: (B,). ε (Kandinsky 2.2) -> the noise; v -> ``scheduler.get_velocity``;
+    "sample" -> the clean latents.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, not {kind!r}")
 
-    def forward(
-        self, pred_image_embeds: torch.Tensor, target_image_embeds: torch.Tensor, text_embeds: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """(B, D) ×3 -> dict of fp32 scalars; see :func:`prior_loss`."""
-        return prior_loss(
-            pred_image_embeds, target_image_embeds, text_embeds, self.lambda_contrastive, self.temperature, self.gather
-        )
 
-    def extra_repr(self) -> str:
-        return f"lambda_contrastive={self.lambda_contrastive}, temperature={self.temperature}, gather={self.gather}"
+def decoder_loss(
+    predicted: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Eq. 2: ‖target − UNet(z_t, t, z_x)‖², the MSE per sample averaged over the batch.
+
+    Args:
+        predicted: (B, C, h, w) the UNet's prediction with the learned-variance channels already dropped.
+        target: (B, C, h, w) from :func:`diffusion_target`.
+        timesteps: (B,) the noise levels drawn.
+        scheduler: the decoder's training scheduler (its ``alphas_cumprod`` give the SNR).
+        snr_gamma: Min-SNR-γ weighting (Hang et al. 2023) when > 0: min(SNR, γ)/SNR on an ε loss,
+            min(SNR, γ)/(SNR + 1) on a v loss, so every timestep weighs like the x0 error clipped at γ.
+    """
+    per_sample = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma <= 0:
+        return {"loss": per_sample.mean()}
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=snr_gamma)
+    kind = scheduler.config.prediction_type
+    weight = clipped / (snr + 1) if kind == "v_prediction" else clipped / snr if kind == "epsilon" else clipped
+    return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean().detach()}
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+def clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negative_text_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE with multi-positive targets (training a CLIP, as the miniature world does).
+
+    Args:
+        image_embeds, text_embeds: (B, D) paired embeddings (normalised here).
+        text_ids: (B, L) the texts' token ids: every identical text is a positive, so the loss never pushes apart
+            two images that fit the same words.
+        logit_scale: CLIP's learned log scale (its exp is clamped at 100, as in CLIP).
+        negative_text_embeds: (K, D) texts that match no image (hard negatives), added to each image's candidates
+            (image → text only: a negative text has no image of its own).
+    """
+    images = F.normalize(image_embeds, dim=-1)
+    texts = F.normalize(text_embeds, dim=-1)
+    scale = logit_scale.exp().clamp(max=100.0)
+    logits = scale * images @ texts.T  # (B, B)
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1).float()
+    targets = same / same.sum(1, keepdim=True)
+    image_logits, image_targets = logits, targets
+    if negative_text_embeds is not None:
+        image_logits = torch.cat([logits, scale * images @ F.normalize(negative_text_embeds, dim=-1).T], 1)
+        image_targets = F.pad(targets, (0, len(negative_text_embeds)))
+    return 0.5 * (-(image_targets * image_logits.log_softmax(1)).sum(1).mean()
+                  - (targets * logits.log_softmax(0)).sum(0).mean())

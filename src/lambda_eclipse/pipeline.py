@@ -8,30 +8,30 @@ Prompt and subject images -> CLIP text token states with subject tokens bound to
 from __future__ import annotations
 
 import math
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, KandinskyV22Pipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .conditioning import interleave_prompts, normalize_subject_word
+from .atomic import atomic_path
+from .conditioning import _word_pattern, interleave_prompts, normalize_subject_word
+from .decoding import SCHEDULERS, decode_image_embeds, decoder_scheduler
 from .encoders import ImageInput, edge_embedding, encode_images, load_image, zero_image_embedding
 from .errors import UserError
+from .hub import DEFAULT_DECODER, DEFAULT_ENCODERS, DEFAULT_PRIOR, PRIOR_ONLY_REPOS, TEXT_ONLY_PRIOR  # noqa: F401
 from .prior import LambdaEclipsePrior
 
-DEFAULT_PRIOR = "ECLIPSE-Community/Lambda-ECLIPSE-Prior-v1.0"
-TEXT_ONLY_PRIOR = "ECLIPSE-Community/ECLIPSE_KandinskyV22_Prior"
-DEFAULT_ENCODERS = "kandinsky-community/kandinsky-2-2-prior"
-DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
-PRIOR_ONLY_REPOS = (DEFAULT_PRIOR, TEXT_ONLY_PRIOR)
-
 SubjectInput = Union[ImageInput, torch.Tensor]
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# "latent": the decoder's latents, not decoded by the MoVQ; "embeds": the prior only, no decoder run at all.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "embeds")
 
 
 @dataclass
@@ -65,6 +65,121 @@ def load_subject_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[
             return handle.get_tensor("image_embeds"), dict(handle.metadata() or {})
     except (SafetensorError, OSError, KeyError) as error:
         raise UserError(f"subject embedding {str(path)!r} cannot be read ({error}); re-create it with encode-subject") from None
+
+
+def check_inputs(
+    prompt: str | list[str],
+    subjects: Mapping[str, SubjectInput] | None = None,
+    edge_image: ImageInput | None = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    scheduler: str | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    output_type: str = "pil",
+    pipeline: LambdaEclipsePipeline | None = None,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """The one validation of generation inputs (the arguments of :meth:`LambdaEclipsePipeline.__call__`).
+
+    Without ``pipeline`` only the model-independent checks run, so that the CLI can refuse bad input before it
+    loads a model; with ``pipeline`` also the model's: the decoder's size step, whether the prior takes subjects
+    and an edge map, whether there is a decoder. Files are not opened here: a path is checked where it is read
+    (:func:`~lambda_eclipse.encoders.load_image`), and a subject embedding's size where it is encoded.
+
+    Args:
+        names: how messages call an argument (the CLI passes its flags, e.g. ``{"num_inference_steps": "--steps"}``).
+
+    Raises:
+        UserError: one line naming the problem and the fix.
+    """
+    names = names or {}
+
+    def name(key: str) -> str:
+        return names.get(key, key)
+
+    # prompts
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        prompts = list(prompt)
+    else:
+        raise UserError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise UserError("no prompt given; pass a text prompt")
+    for text in prompts:
+        if not isinstance(text, str):
+            raise UserError(f"every prompt must be a string, got {type(text).__name__}; pass text prompts")
+        if not text.strip():
+            raise UserError("the prompt is empty; give a text prompt such as 'a dog on the beach'")
+
+    # subjects and the edge map
+    if subjects is not None and not isinstance(subjects, Mapping):
+        raise UserError(f"subjects must map a subject word to its image, e.g. {{'dog': 'dog.png'}}, got "
+                        f"{type(subjects).__name__}")
+    seen: set[str] = set()
+    for word, subject in (subjects or {}).items():
+        if not isinstance(word, str):
+            raise UserError(f"subject word {word!r} must be a string; use a word of the prompt")
+        key = normalize_subject_word(word)
+        if not key:
+            raise UserError(f"subject word {word!r} is empty; use WORD=IMAGE with a word from the prompt")
+        if key in seen:
+            raise UserError(f"subject word {key!r} is given twice; give each subject word once")
+        seen.add(key)
+        if not isinstance(subject, (str, os.PathLike, Image.Image, torch.Tensor)):
+            raise UserError(f"subject {word!r} is a {type(subject).__name__}; give an image path, a PIL image, a "
+                            ".safetensors embedding or a (D,) tensor")
+        # Checked here too (the binding checks it again on tokens) so the CLI fails before loading a model.
+        for text in prompts:
+            if not _word_pattern(key).search(text.lower()):
+                raise UserError(f"subject word {key!r} does not occur in the prompt {text!r}; use a word of the prompt")
+    if edge_image is not None and not isinstance(edge_image, (str, os.PathLike, Image.Image)):
+        raise UserError(f"{name('edge_image')} is a {type(edge_image).__name__}; give an image path or a PIL image")
+
+    # numbers and names
+    _check_positive_int(num_images_per_prompt, name("num_images_per_prompt"))
+    _check_positive_int(num_inference_steps, name("num_inference_steps"))
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
+        raise UserError(f"{name('guidance_scale')} must be a finite number, got {guidance_scale!r}")
+    for key, value in (("height", height), ("width", width)):
+        if value is not None:
+            _check_positive_int(value, name(key), what="a positive whole number of px")
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
+    count = len(prompts) * num_images_per_prompt
+    generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
+    if any(not isinstance(g, torch.Generator) for g in generators):
+        raise UserError("generator must be a torch.Generator or a list of them, one per image")
+    if isinstance(generator, list) and len(generator) != count:
+        raise UserError(f"{len(generator)} generators given for {count} images; give one per image or a single one")
+
+    if pipeline is None:
+        return
+    # what this model can do
+    if not pipeline.prior.has_control:
+        if subjects:
+            raise UserError("this prior is the text-only ECLIPSE prior; subjects need a λ-ECLIPSE prior")
+        if edge_image is not None:
+            raise UserError("this prior is the text-only ECLIPSE prior; an edge map needs a λ-ECLIPSE prior")
+    if output_type == "embeds":
+        return
+    if pipeline.unet is None or pipeline.movq is None or pipeline.scheduler is None:
+        raise UserError("this pipeline has no decoder (unet/scheduler/movq); use output_type='embeds' or load one")
+    # Kandinsky 2.2 silently rounds sizes up to a multiple of scale² px; refuse instead of surprising the user.
+    step = pipeline.movq_scale_factor**2
+    for key, value in (("height", height), ("width", width)):
+        if value is not None and value % step:
+            raise UserError(f"{name(key)} must be a positive multiple of {step} px for this decoder, got {value!r}")
+
+
+def _check_positive_int(value, name: str, what: str = "a positive whole number") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{name} must be {what}, got {value!r}")
 
 
 class LambdaEclipsePipeline(DiffusionPipeline):
@@ -191,11 +306,29 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         embedding = self.encode_subject(subject, word).float().cpu().contiguous()
         encoder_id = str(getattr(self.image_encoder.config, "_name_or_path", "") or self.name_or_path or "")
         metadata = {"word": normalize_subject_word(word), "encoder": encoder_id, "dim": str(embedding.shape[0])}
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        save_file({"image_embeds": embedding}, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            save_file({"image_embeds": embedding}, str(temporary), metadata=metadata)
         return embedding
+
+    def check_inputs(
+        self,
+        prompt: str | list[str],
+        subjects: Mapping[str, SubjectInput] | None = None,
+        edge_image: ImageInput | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        names: Mapping[str, str] | None = None,
+    ) -> None:
+        """Validate :meth:`__call__`'s inputs for this model: the module-level :func:`check_inputs` with ``pipeline=self``."""
+        # The name resolves to the module-level function: a class body is not an enclosing scope of its methods.
+        check_inputs(prompt, subjects, edge_image, num_images_per_prompt, num_inference_steps, guidance_scale, height,
+                     width, scheduler, generator, output_type, pipeline=self, names=names)
 
     # ----------------------------------------------------------------------------------------------- prior
     @torch.no_grad()
@@ -208,17 +341,14 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> LambdaEclipsePriorOutput:
         """Run the prior only: (N, D) image embeddings and their (N, D) zero-image negatives."""
+        self.check_inputs(prompt, subjects, edge_image, num_images_per_prompt, generator=generator, output_type="embeds")
+        return self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator)
+
+    def _prior_embeddings(self, prompt, subjects, edge_image, num_images_per_prompt, generator) -> LambdaEclipsePriorOutput:
+        """:meth:`prior_embeddings` on inputs that :meth:`check_inputs` has passed."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("no prompt given; pass a text prompt")
-        _check_positive_int(num_images_per_prompt, "num_images_per_prompt")
         count = len(prompts) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != count:
-            raise UserError(f"{len(generator)} generators given for {count} images; give one per image or a single one")
-        subjects = subjects or {}
-        if subjects and not self.prior.has_control:
-            raise UserError("this prior is the text-only ECLIPSE prior; subjects need a λ-ECLIPSE prior")
-        embeds = {word: self.encode_subject(image, word) for word, image in subjects.items()}
+        embeds = {word: self.encode_subject(image, word) for word, image in (subjects or {}).items()}
         condition = interleave_prompts(self.tokenizer, self.text_encoder, prompts, embeds)
         negative = zero_image_embedding(self.image_encoder).to(self.prior.dtype)
         control = None
@@ -227,8 +357,6 @@ class LambdaEclipsePipeline(DiffusionPipeline):
             if edge_image is not None:
                 edge = load_image(edge_image, what="edge image")
                 control = edge_embedding(self.image_processor, self.image_encoder, edge).to(self.prior.dtype)
-        elif edge_image is not None:
-            raise UserError("this prior is the text-only ECLIPSE prior; an edge map needs a λ-ECLIPSE prior")
 
         def repeat(x: torch.Tensor) -> torch.Tensor:
             return x.repeat_interleave(num_images_per_prompt, dim=0)
@@ -279,55 +407,29 @@ class LambdaEclipsePipeline(DiffusionPipeline):
                 default: the UNet's native size.
             scheduler: "ddpm" (what Kandinsky 2.2 ships) or "ddim" (what the paper states); None keeps the loaded one.
             generator: one generator, or one per image (prompts × num_images_per_prompt) for per-image seeds.
-            output_type: "pil", "np", "pt", or "embeds" (prior only, no decoding).
+            output_type: "pil", "np", "pt", "latent" (decoder latents), or "embeds" (prior only, no decoding).
+
+        Raises:
+            UserError: bad inputs (see :func:`check_inputs`), unreadable subject or edge files, a subject word
+                the prompt's tokens do not hold, or a prompt longer than the text encoder takes.
         """
-        prior = self.prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator)
+        self.check_inputs(prompt, subjects, edge_image, num_images_per_prompt, num_inference_steps, guidance_scale,
+                          height, width, scheduler, generator, output_type)
+        prior = self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator)
         if output_type == "embeds":
             return LambdaEclipsePipelineOutput(None, prior.image_embeds, prior.negative_image_embeds)
-        if self.unet is None or self.movq is None or self.scheduler is None:
-            raise UserError("this pipeline has no decoder (unet/scheduler/movq); use output_type='embeds' or load one")
-        _check_positive_int(num_inference_steps, "num_inference_steps")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise UserError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        height, width = self._check_size(height, width)
-        decoder = KandinskyV22Pipeline(unet=self.unet, scheduler=self._scheduler(scheduler), movq=self.movq)
-        decoder.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
-        decoded = decoder(
-            image_embeds=prior.image_embeds.to(self.unet.dtype),
-            negative_image_embeds=prior.negative_image_embeds.to(self.unet.dtype),
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-        ).images
+        height, width = self._default_size(height, width)
+        decoded = decode_image_embeds(
+            self.unet, decoder_scheduler(self.scheduler, scheduler), self.movq, prior.image_embeds,
+            prior.negative_image_embeds, height, width, num_inference_steps, guidance_scale, generator, output_type,
+            callback_on_step_end, getattr(self, "_progress_bar_config", {}),
+        )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (decoded, prior.image_embeds, prior.negative_image_embeds)
         return LambdaEclipsePipelineOutput(decoded, prior.image_embeds, prior.negative_image_embeds)
 
-    def _scheduler(self, name: str | None):
-        if name is None:
-            return self.scheduler
-        if name not in SCHEDULERS:
-            raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        return SCHEDULERS[name].from_config(self.scheduler.config)
-
-    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        # Kandinsky 2.2 silently rounds sizes up to a multiple of scale² px; refuse instead of surprising the user.
-        step = self.movq_scale_factor**2
+    def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Missing sizes -> the UNet's native size (sample_size latents × the MoVQ's scale)."""
         native = int(self.unet.config.sample_size) * self.movq_scale_factor
-        sizes = []
-        for name, value in (("height", height), ("width", width)):
-            value = native if value is None else value
-            if not isinstance(value, int) or value <= 0 or value % step:
-                raise UserError(f"{name} must be a positive multiple of {step} px for this decoder, got {value!r}")
-            sizes.append(value)
-        return sizes[0], sizes[1]
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{name} must be a positive whole number, got {value!r}")
+        return height or native, width or native

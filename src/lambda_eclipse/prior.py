@@ -29,8 +29,9 @@ from .errors import UserError
 
 
 @dataclass
-class LambdaEclipsePriorOutput(BaseOutput):
-    """Output of :class:`LambdaEclipsePrior`.
+class LambdaEclipsePriorTransformerOutput(BaseOutput):
+    """Output of the prior network's forward pass (:class:`LambdaEclipsePrior`); the pipeline's prior-only
+    result is :class:`~lambda_eclipse.pipeline.LambdaEclipsePriorOutput`.
 
     Args:
         predicted_image_embedding: (B, embedding_dim) predicted CLIP image embedding.
@@ -205,7 +206,7 @@ class LambdaEclipsePrior(ModelMixin, ConfigMixin):
         control_embedding: torch.Tensor | None = None,
         return_dict: bool = True,
         trim: bool = True,
-    ) -> LambdaEclipsePriorOutput | tuple[torch.Tensor]:
+    ) -> LambdaEclipsePriorTransformerOutput | tuple[torch.Tensor]:
         """Predict the CLIP image embedding.
 
         Args:
@@ -218,7 +219,7 @@ class LambdaEclipsePrior(ModelMixin, ConfigMixin):
             trim: drop text positions after the longest real prompt (exact; see the module docstring).
 
         Returns:
-            :class:`LambdaEclipsePriorOutput` with ``predicted_image_embedding`` (B, D).
+            :class:`LambdaEclipsePriorTransformerOutput` with ``predicted_image_embedding`` (B, D).
         """
         cfg = self.config
         batch, text_len = encoder_hidden_states.shape[:2]
@@ -258,7 +259,7 @@ class LambdaEclipsePrior(ModelMixin, ConfigMixin):
         predicted = self.proj_to_clip_embeddings(self.norm_out(tokens))
         if not return_dict:
             return (predicted,)
-        return LambdaEclipsePriorOutput(predicted_image_embedding=predicted)
+        return LambdaEclipsePriorTransformerOutput(predicted_image_embedding=predicted)
 
     @staticmethod
     def _attention_mask(text_mask: torch.Tensor, num_extra: int) -> torch.Tensor:

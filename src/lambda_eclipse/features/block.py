@@ -38,14 +38,14 @@ def pack_shard(
         next_edge += s.edge is not None
     captions, caption_offsets = pack_strings([s.caption for s in samples])
     source_ids, source_id_offsets = pack_strings([s.source_id for s in samples])
-    spans = [s.subject_spans.reshape(-1, 2).to("cpu", torch.int32) for s in samples]
+    owners = [s.token_subject.reshape(-1).to("cpu", torch.int8) for s in samples]
     return {
         "token_states": floats([s.token_states for s in samples]),
         "token_offsets": _offsets([s.num_tokens for s in samples]),
+        "token_subject": torch.cat(owners) if owners else torch.zeros(0, dtype=torch.int8),
         "pooled_text": floats([s.pooled_text for s in samples]),
         "target": floats([s.target for s in samples]),
         "subject_embeds": floats([s.subject_embeds for s in samples]),
-        "subject_spans": torch.cat(spans) if spans else torch.zeros(0, 2, dtype=torch.int32),
         "subject_offsets": _offsets([s.num_subjects for s in samples]),
         "edge": floats([s.edge for s in samples if s.edge is not None]),
         "edge_index": torch.tensor(edge_index, dtype=torch.int32),
@@ -66,19 +66,19 @@ class FeatureBlock:
     """n samples in the shard layout with offsets rebased to 0 (shapes: T = Σ tokens, S = Σ subjects, E = edges).
 
     Attributes:
-        token_states: (T, D); token_offsets: (n+1,) int64.
+        token_states: (T, D); token_offsets: (n+1,) int64; token_subject: (T,) int8 subject of each token or -1.
         pooled_text, target: (n, D).
-        subject_embeds: (S, D); subject_spans: (S, 2) int32; subject_offsets: (n+1,) int64.
+        subject_embeds: (S, D); subject_offsets: (n+1,) int64.
         edge: (E, D); edge_index: (n,) int64 row into ``edge`` or -1.
         captions, source_ids: n strings each.
     """
 
     token_states: torch.Tensor
     token_offsets: torch.Tensor
+    token_subject: torch.Tensor
     pooled_text: torch.Tensor
     target: torch.Tensor
     subject_embeds: torch.Tensor
-    subject_spans: torch.Tensor
     subject_offsets: torch.Tensor
     edge: torch.Tensor
     edge_index: torch.Tensor
@@ -108,10 +108,10 @@ class FeatureBlock:
         return cls(
             token_states=t["token_states"][t0:t1],
             token_offsets=tok_off - t0,
+            token_subject=t["token_subject"][t0:t1],
             pooled_text=t["pooled_text"][start:end],
             target=t["target"][start:end],
             subject_embeds=t["subject_embeds"][s0:s1],
-            subject_spans=t["subject_spans"][s0:s1],
             subject_offsets=sub_off - s0,
             edge=t["edge"][first:last],
             edge_index=edge_index,
@@ -150,10 +150,10 @@ class FeatureBlock:
         return cls(
             token_states=cat("token_states"),
             token_offsets=offsets("token_offsets"),
+            token_subject=cat("token_subject"),
             pooled_text=cat("pooled_text"),
             target=cat("target"),
             subject_embeds=cat("subject_embeds"),
-            subject_spans=cat("subject_spans"),
             subject_offsets=offsets("subject_offsets"),
             edge=cat("edge"),
             edge_index=torch.cat(edge_parts),
@@ -171,7 +171,7 @@ class FeatureBlock:
             token_states=self.token_states[t0:t1].clone(),
             pooled_text=self.pooled_text[i].clone(),
             subject_embeds=self.subject_embeds[s0:s1].clone(),
-            subject_spans=self.subject_spans[s0:s1].to(torch.int64),
+            token_subject=self.token_subject[t0:t1].to(torch.int64),
             target=self.target[i].clone(),
             edge=self.edge[e].clone() if e >= 0 else None,
             source_id=self.source_ids[i],

@@ -40,8 +40,9 @@ def collate_parts(
 
     Returns:
         ``token_states`` (B, Lmax, D) ``dtype``, padded with zeros to the longest real length in the batch;
-        ``attention_mask`` (B, Lmax) bool; ``pooled_text`` (B, D); ``subject_embeds`` (B, Smax, D);
-        ``subject_spans`` (B, Smax, 2) int64 (padding: [0, 0), an empty span); ``subject_mask`` (B, Smax) bool;
+        ``attention_mask`` (B, Lmax) bool; ``token_subject`` (B, Lmax) int64, the subject (index into the
+        sample's row of ``subject_embeds``) each token is bound to, -1 for text and padding; ``pooled_text``
+        (B, D); ``subject_embeds`` (B, Smax, D); ``subject_mask`` (B, Smax) bool;
         ``target`` (B, D); ``edge`` (B, D) (zeros where absent); ``has_edge`` (B,) bool; ``caption`` and
         ``source_id`` (lists of B strings). Smax >= 1 so that downstream code never meets a zero-size axis.
     """
@@ -57,9 +58,9 @@ def collate_parts(
     out = {
         "token_states": _output((batch, longest, dim), dtype),
         "attention_mask": torch.arange(longest)[None, :] < lengths[:, None],  # (B, Lmax)
+        "token_subject": torch.full((batch, longest), -1, dtype=torch.int64),
         "pooled_text": _output((batch, dim), dtype),
         "subject_embeds": torch.zeros(batch, most, dim, dtype=dtype),
-        "subject_spans": torch.zeros(batch, most, 2, dtype=torch.int64),
         "subject_mask": torch.arange(most)[None, :] < counts[:, None],  # (B, Smax)
         "target": _output((batch, dim), dtype),
         "edge": torch.zeros(batch, dim, dtype=dtype),
@@ -75,12 +76,14 @@ def collate_parts(
         starts = block.token_offsets[rows].tolist()
         for b, start, length in zip(range(b0, b1), starts, lengths[b0:b1].tolist()):
             tokens[b, :length].copy_(block.token_states[start : start + length])
+        # The owner index is small (1 byte a token): one gather for the whole part, not a copy per sample.
+        real = out["attention_mask"][b0:b1]
+        out["token_subject"][b0:b1][real] = block.token_subject[ragged_rows(block.token_offsets, rows)].to(torch.int64)
         out["pooled_text"][b0:b1] = block.pooled_text[rows]
         out["target"][b0:b1] = block.target[rows]
         subject_rows = ragged_rows(block.subject_offsets, rows)
         mask = out["subject_mask"][b0:b1]
         out["subject_embeds"][b0:b1][mask] = block.subject_embeds[subject_rows].to(dtype)
-        out["subject_spans"][b0:b1][mask] = block.subject_spans[subject_rows].to(torch.int64)
         edge_rows = block.edge_index[rows]
         has = edge_rows >= 0
         out["has_edge"][b0:b1] = has

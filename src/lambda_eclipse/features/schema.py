@@ -16,10 +16,10 @@ tensor                 shape / dtype    meaning
 =====================  ===============  ===========================================================
 ``token_states``       (T, D) fp16      last-layer text states of the real tokens (BOS..EOS), T = ΣL
 ``token_offsets``      (N+1,) int64     sample i owns rows ``[token_offsets[i], token_offsets[i+1])``
+``token_subject``      (T,) int8        per row of token_states: its subject (0..S_i-1) or -1
 ``pooled_text``        (N, D) fp16      projected pooled embedding of the unmodified caption
 ``target``             (N, D) fp16      CLIP image embedding of the whole image
 ``subject_embeds``     (S, D) fp16      subject crop embeddings, S = Σ subjects
-``subject_spans``      (S, 2) int32     [start, end) of the subject's word, positions in token_states
 ``subject_offsets``    (N+1,) int64     sample i owns subjects ``[subject_offsets[i], ...[i+1])``
 ``edge``               (E, D) fp16      Canny-edge embeddings of the samples that have one
 ``edge_index``         (N,) int32       row of ``edge`` for sample i, or -1 when it has none
@@ -32,6 +32,14 @@ at most 2^-11 ≈ 4.9e-4 per element, which moves a vector's direction by about 
 between a CLIP embedding and its fp16 copy is 1 - O(1e-7) (checked in the tests: > 0.99999). The released prior and
 the decoder run in fp16 anyway. It keeps a paper-scale sample (16 tokens, 2.5 subjects, edge, D=1280) at ~55 KB.
 The writer refuses values that overflow fp16 (|x| > 65504) instead of storing inf.
+
+Why a per-token owner index rather than one [start, end) span per subject: a caption may name a subject more than
+once ("a dog next to a cat, the dog sits"), and inference binds every occurrence
+(:func:`lambda_eclipse.conditioning.subject_token_index`); the store keeps exactly that index, so training binds
+the same tokens. int8 holds up to 127 subjects per sample and costs 1 byte per token next to the 2·D of its state.
+
+Schema versions: 2 stores ``token_subject``; 1 stored one ``subject_spans`` row per subject (the first occurrence
+only) and is refused with a request to rebuild.
 """
 
 from __future__ import annotations
@@ -45,23 +53,25 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
 from ..errors import UserError
 
 FORMAT_NAME = "lambda-eclipse-features"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_NAME = "index.json"
 ZERO_IMAGE_NAME = "zero_image.safetensors"
 STORAGE_DTYPE = torch.float16
 FP16_MAX = 65504.0
+MAX_SUBJECTS = 127  # token_subject is int8
 
 #: Tensor names of a shard and their dtypes (``None`` = the storage float dtype).
 SHARD_TENSORS: dict[str, torch.dtype | None] = {
     "token_states": None,
     "token_offsets": torch.int64,
+    "token_subject": torch.int8,
     "pooled_text": None,
     "target": None,
     "subject_embeds": None,
-    "subject_spans": torch.int32,
     "subject_offsets": torch.int64,
     "edge": None,
     "edge_index": torch.int32,
@@ -86,7 +96,8 @@ class FeatureSample:
         token_states: (L, D) text-encoder last-layer states of the real tokens only, BOS at position 0.
         pooled_text: (D,) projected pooled text embedding of the unmodified caption.
         subject_embeds: (S, D) CLIP image embeddings of the subject crops (S = 0..4 in the paper: 1-4).
-        subject_spans: (S, 2) int [start, end) of each subject's word in ``token_states``.
+        token_subject: (L,) int, for each token the subject (row of ``subject_embeds``) it is bound to, or -1;
+            every occurrence of a subject's word is bound (see :func:`lambda_eclipse.conditioning.subject_token_index`).
         target: (D,) CLIP image embedding of the whole image.
         edge: (D,) CLIP embedding of the image's Canny edge map, or None.
         source_id: where the sample came from (e.g. a LAION key); used for resume and de-duplication.
@@ -96,7 +107,7 @@ class FeatureSample:
     token_states: torch.Tensor
     pooled_text: torch.Tensor
     subject_embeds: torch.Tensor
-    subject_spans: torch.Tensor
+    token_subject: torch.Tensor
     target: torch.Tensor
     edge: torch.Tensor | None = None
     source_id: str = ""
@@ -106,7 +117,7 @@ class FeatureSample:
         """Accept a :class:`FeatureSample` or a mapping with the same keys (``edge``/``source_id`` optional)."""
         if isinstance(sample, FeatureSample):
             return sample
-        missing = {"caption", "token_states", "pooled_text", "subject_embeds", "subject_spans", "target"} - set(sample)
+        missing = {"caption", "token_states", "pooled_text", "subject_embeds", "token_subject", "target"} - set(sample)
         if missing:
             raise ValueError(f"feature sample lacks {sorted(missing)}")
         known = {k: sample[k] for k in cls.__dataclass_fields__ if k in sample}
@@ -127,6 +138,39 @@ class FeatureSample:
         return int(self.subject_embeds.shape[0])
 
 
+def token_subject_problem(
+    token_subject: torch.Tensor, tokens_per_sample: torch.Tensor, subjects_per_sample: torch.Tensor
+) -> str | None:
+    """The first problem of the owner index of N samples stored back to back, or None.
+
+    Args:
+        token_subject: (T,) integer owner index (T = Σ tokens_per_sample).
+        tokens_per_sample, subjects_per_sample: (N,) integer counts.
+
+    Values must be -1 or a subject of the token's own sample, and every subject must own at least one token (a
+    subject bound to no word would never reach the prior; the builder never writes one).
+    """
+    owner = token_subject.to(torch.int64)
+    tokens, subjects = tokens_per_sample.to(torch.int64), subjects_per_sample.to(torch.int64)
+    sample_of = torch.repeat_interleave(torch.arange(len(tokens)), tokens)  # (T,)
+    bad = (owner < -1) | (owner >= subjects[sample_of])
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0])
+        i = int(sample_of[t])
+        row, of = t - int(tokens[:i].sum()), f" of sample {i}" if len(tokens) > 1 else ""
+        allowed = f"-1 or a subject index in 0..{int(subjects[i]) - 1}" if subjects[i] else "-1 (no subjects)"
+        return f"token_subject holds {int(owner[t])} at token {row}{of}; it must be {allowed}"
+    first_subject = subjects.cumsum(0) - subjects  # (N,) row of each sample's subject 0 among all subjects
+    bound = owner >= 0
+    owned = torch.bincount(first_subject[sample_of[bound]] + owner[bound], minlength=int(subjects.sum()))
+    if bool((owned == 0).any()):
+        g = int((owned == 0).nonzero()[0])
+        i = int(torch.searchsorted(first_subject, g, right=True)) - 1
+        of = f" of sample {i}" if len(tokens) > 1 else ""
+        return f"subject {g - int(first_subject[i])}{of} owns no token in token_subject; bind it to its word"
+    return None
+
+
 def check_sample(sample: FeatureSample, dim: int, max_text_len: int) -> None:
     """Raise ``ValueError`` naming the first problem of ``sample`` against a store of (dim, max_text_len)."""
     where = f"sample {sample.source_id!r}" if sample.source_id else "sample"
@@ -139,15 +183,18 @@ def check_sample(sample: FeatureSample, dim: int, max_text_len: int) -> None:
         value = getattr(sample, name)
         if tuple(value.shape) != (dim,):
             raise ValueError(f"{where}: {name} must be ({dim},), got {tuple(value.shape)}")
-    subjects, spans = sample.subject_embeds, sample.subject_spans
+    subjects, owner = sample.subject_embeds, sample.token_subject
     if subjects.dim() != 2 or subjects.shape[1] != dim:
         raise ValueError(f"{where}: subject_embeds must be (S, {dim}), got {tuple(subjects.shape)}")
-    if tuple(spans.shape) != (subjects.shape[0], 2):
-        raise ValueError(f"{where}: subject_spans must be ({subjects.shape[0]}, 2), got {tuple(spans.shape)}")
-    if spans.is_floating_point():
-        raise ValueError(f"{where}: subject_spans must be integers")
-    if len(spans) and not bool(((spans[:, 0] >= 0) & (spans[:, 0] < spans[:, 1]) & (spans[:, 1] <= len(tokens))).all()):
-        raise ValueError(f"{where}: subject_spans {spans.tolist()} must satisfy 0 <= start < end <= {len(tokens)}")
+    if len(subjects) > MAX_SUBJECTS:
+        raise ValueError(f"{where}: {len(subjects)} subjects; the store takes at most {MAX_SUBJECTS} per sample")
+    if tuple(owner.shape) != (len(tokens),):
+        raise ValueError(f"{where}: token_subject must be ({len(tokens)},), one per token, got {tuple(owner.shape)}")
+    if owner.is_floating_point() or owner.is_complex() or owner.dtype == torch.bool:
+        raise ValueError(f"{where}: token_subject must be integers, got {owner.dtype}")
+    problem = token_subject_problem(owner, torch.tensor([len(tokens)]), torch.tensor([len(subjects)]))
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     for name in ("token_states", "pooled_text", "target", "subject_embeds", "edge"):
         value = getattr(sample, name)
         if value is None or value.numel() == 0:
@@ -158,6 +205,27 @@ def check_sample(sample: FeatureSample, dim: int, max_text_len: int) -> None:
             raise ValueError(f"{where}: {name} has NaN or inf")
         if float(value.abs().max()) > FP16_MAX:
             raise ValueError(f"{where}: {name} exceeds the fp16 range (|x| > {FP16_MAX:g}); rescale before storing")
+
+
+class SchemaVersionError(ValueError):
+    """An index of another schema version; :func:`read_index` turns it into a one-line :class:`UserError`."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"schema version {version!r}")
+        self.version = version
+
+    def explain(self, where: str) -> str:
+        if self.version == 1:
+            return (
+                f"feature store {where!r} uses schema version 1 (one span per subject); "
+                "rebuild it with this version of lambda-eclipse"
+            )
+        if isinstance(self.version, int) and self.version > SCHEMA_VERSION:
+            return (
+                f"feature store {where!r} uses schema version {self.version}, newer than this lambda-eclipse reads "
+                f"({SCHEMA_VERSION}); upgrade lambda-eclipse"
+            )
+        return f"feature store {where!r} has an unknown schema version {self.version!r}; rebuild it"
 
 
 @dataclass
@@ -199,22 +267,10 @@ class StoreIndex:
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"not a {FORMAT_NAME} index (format={data.get('format')!r})")
         if data.get("version") != SCHEMA_VERSION:
-            raise ValueError(
-                f"schema version {data.get('version')} is not supported (this code reads {SCHEMA_VERSION})"
-            )
+            raise SchemaVersionError(data.get("version"))
         shards = [ShardInfo(**s) for s in data.pop("shards")]
         data.pop("num_samples", None)
         return cls(shards=shards, **data)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_index(directory: str | os.PathLike[str]) -> StoreIndex:
@@ -230,13 +286,15 @@ def read_index(directory: str | os.PathLike[str]) -> StoreIndex:
         )
     try:
         return StoreIndex.from_json(path.read_text())
+    except SchemaVersionError as err:
+        raise UserError(err.explain(str(root))) from None
     except (ValueError, TypeError, KeyError) as err:
         raise UserError(f"{str(path)!r} is not a readable feature index ({err}); rebuild the store") from err
 
 
 def write_index(directory: str | os.PathLike[str], index: StoreIndex) -> None:
     """Atomically (re)write ``DIR/index.json``."""
-    write_atomic(Path(directory) / INDEX_NAME, index.to_json().encode())
+    atomic_write(Path(directory) / INDEX_NAME, index.to_json(), fsync=True)
 
 
 def write_zero_image(directory: str | os.PathLike[str], zero_image: torch.Tensor) -> None:
@@ -248,7 +306,7 @@ def write_zero_image(directory: str | os.PathLike[str], zero_image: torch.Tensor
     from safetensors.torch import save
 
     data = save({"zero_image": zero_image.detach().reshape(-1).to("cpu", torch.float32).contiguous()})
-    write_atomic(Path(directory) / ZERO_IMAGE_NAME, data)
+    atomic_write(Path(directory) / ZERO_IMAGE_NAME, data, fsync=True)
 
 
 def read_zero_image(directory: str | os.PathLike[str]) -> torch.Tensor:
@@ -280,9 +338,3 @@ def pack_strings(strings: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         else torch.zeros(0, dtype=torch.uint8)
     )
     return data, offsets
-
-
-def unpack_string(data: torch.Tensor, offsets: torch.Tensor, i: int) -> str:
-    """String ``i`` of a (bytes, offsets) pair made by :func:`pack_strings`."""
-    start, end = int(offsets[i]), int(offsets[i + 1])
-    return bytes(data[start:end].numpy()).decode("utf-8")

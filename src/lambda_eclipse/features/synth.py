@@ -98,13 +98,14 @@ class SynthWorld:
         count = int(torch.multinomial(torch.tensor(subject_probs, dtype=torch.float64), 1, generator=g)) + 1
         classes = torch.randperm(len(SUBJECT_NOUNS), generator=g)[:count].tolist()
         scene = int(torch.randint(len(SCENES), (1,), generator=g))
-        words, spans = ["<bos>"], []
+        words, owner = ["<bos>"], [-1]
         for k, c in enumerate(classes):
-            words += ["a"] if k == 0 else ["and", "a"]
+            glue = ["a"] if k == 0 else ["and", "a"]
             noun = SUBJECT_NOUNS[c].split()
-            spans.append((len(words), len(words) + len(noun)))
-            words += noun
-        words += ["in", "the", SCENES[scene], "<eos>"]
+            words += glue + noun
+            owner += [-1] * len(glue) + [k] * len(noun)
+        tail = ["in", "the", SCENES[scene], "<eos>"]
+        words, owner = words + tail, owner + [-1] * len(tail)
         ids = torch.tensor(self.token_ids(words))
         states = self.token_vectors[ids] + noise * torch.randn(len(ids), dim, generator=g)
 
@@ -122,7 +123,7 @@ class SynthWorld:
             token_states=states,
             pooled_text=unit(pooled),
             subject_embeds=unit(crops),
-            subject_spans=torch.tensor(spans, dtype=torch.int64),
+            token_subject=torch.tensor(owner, dtype=torch.int64),
             target=unit(target),
             edge=unit(edge) if has_edge else None,
             source_id=source_id,

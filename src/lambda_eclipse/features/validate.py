@@ -1,4 +1,4 @@
-"""Check a feature store end to end: every shard's bytes, header, counts, offsets, spans and values.
+"""Check a feature store end to end: every shard's bytes, header, counts, offsets, subject binding and values.
 
 ``validate_feature_store(dir)`` never raises for a damaged shard: it names the shard and the first problem found
 in it in the report (``lambda-eclipse features validate DIR`` prints :func:`format_report` and fails when
@@ -18,9 +18,20 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from .schema import INDEX_NAME, SHARD_TENSORS, ZERO_IMAGE_NAME, ShardInfo, StoreIndex, read_index, read_zero_image
+from .schema import (
+    INDEX_NAME,
+    SHARD_TENSORS,
+    ZERO_IMAGE_NAME,
+    ShardInfo,
+    StoreIndex,
+    read_index,
+    read_zero_image,
+    token_subject_problem,
+)
 
-_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
+_SAFETENSORS_DTYPES = {
+    torch.float16: "F16", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
+}  # fmt: skip
 _ROWS_PER_READ = 1 << 16  # rows per slice when scanning for NaN (bounded memory on big shards)
 
 
@@ -95,8 +106,8 @@ def _check_shard(path: Path, info: ShardInfo, index: StoreIndex) -> tuple[torch.
     header = _check_header(path, info)
     n, d = info.num_samples, index.dim
     expect = {
-        "token_states": [info.num_tokens, d], "token_offsets": [n + 1], "pooled_text": [n, d], "target": [n, d],
-        "subject_embeds": [info.num_subjects, d], "subject_spans": [info.num_subjects, 2],
+        "token_states": [info.num_tokens, d], "token_offsets": [n + 1], "token_subject": [info.num_tokens],
+        "pooled_text": [n, d], "target": [n, d], "subject_embeds": [info.num_subjects, d],
         "subject_offsets": [n + 1], "edge": [info.num_edges, d], "edge_index": [n],
         "caption_offsets": [n + 1], "source_id_offsets": [n + 1],
     }  # fmt: skip
@@ -113,10 +124,9 @@ def _check_shard(path: Path, info: ShardInfo, index: StoreIndex) -> tuple[torch.
         if bool((tokens < 1).any()) or bool((tokens > index.max_text_len).any()):
             raise ValueError(f"token lengths must be 1..{index.max_text_len}")
         subjects = get("subject_offsets").diff()
-        spans = get("subject_spans").to(torch.int64)
-        lengths = torch.repeat_interleave(tokens, subjects)  # (S,) the owning sample's token count
-        if len(spans) and not bool(((spans[:, 0] >= 0) & (spans[:, 0] < spans[:, 1]) & (spans[:, 1] <= lengths)).all()):
-            raise ValueError("a subject span lies outside its sample's tokens")
+        problem = token_subject_problem(get("token_subject"), tokens, subjects)
+        if problem:
+            raise ValueError(problem)
         edge_index = get("edge_index").to(torch.int64)
         present = edge_index[edge_index >= 0]
         if bool((edge_index < -1).any()) or not torch.equal(present, torch.arange(info.num_edges)):

@@ -1,7 +1,8 @@
 """Write a feature store: samples are buffered, packed into shards and committed atomically.
 
-Crash safety: a shard is written to ``NAME.tmp`` and renamed into place, and only then is it listed in
-``index.json`` (itself rewritten via temp file + rename). A crash therefore loses at most the samples of the shard
+Crash safety: a shard is written under a temporary name and renamed into place
+(:func:`lambda_eclipse.atomic.atomic_write`), and only then is it listed in ``index.json`` (itself rewritten the
+same way). A crash therefore loses at most the samples of the shard
 being filled; the store on disk is always a valid store of the committed shards. ``append=True`` reopens such a
 store and continues after its last committed shard (use :func:`~lambda_eclipse.features.reader.stored_source_ids`
 to skip the sources that are already in it).
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from .block import pack_shard
 from .schema import (
@@ -32,7 +34,6 @@ from .schema import (
     read_index,
     read_zero_image,
     shard_file_name,
-    write_atomic,
     write_index,
     write_zero_image,
 )
@@ -78,7 +79,7 @@ class FeatureWriter:
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
         # A crash can leave temp files behind; they were never committed, so they are garbage.
-        for stale in self.directory.glob("*.tmp"):
+        for stale in self.directory.glob(".tmp-*"):  # atomic_write's temporaries
             stale.unlink()
         if (self.directory / INDEX_NAME).exists():
             index = read_index(self.directory)
@@ -118,7 +119,7 @@ class FeatureWriter:
         return self.index.num_samples + len(self._pending)
 
     def add(self, sample: FeatureSample | Mapping[str, Any]) -> None:
-        """Validate ``sample`` (shapes, spans, finite, fp16 range) and buffer it; full shards are committed."""
+        """Validate ``sample`` (shapes, token_subject, finite, fp16 range) and buffer it; full shards are committed."""
         if self._closed:
             raise RuntimeError("FeatureWriter is closed")
         sample = FeatureSample.coerce(sample)
@@ -132,7 +133,7 @@ class FeatureWriter:
                 token_states=own(sample.token_states),
                 pooled_text=own(sample.pooled_text),
                 subject_embeds=own(sample.subject_embeds),
-                subject_spans=sample.subject_spans.detach().to("cpu", torch.int32, copy=True),
+                token_subject=sample.token_subject.detach().to("cpu", torch.int8, copy=True),
                 target=own(sample.target),
                 edge=own(sample.edge) if sample.edge is not None else None,
                 source_id=sample.source_id,
@@ -151,7 +152,7 @@ class FeatureWriter:
             tensors,
             metadata={"format": FORMAT_NAME, "version": str(SCHEMA_VERSION), "num_samples": str(len(self._pending))},
         )
-        write_atomic(self.directory / name, data)
+        atomic_write(self.directory / name, data, fsync=True)
         self.index.shards.append(
             ShardInfo(
                 file=name,

@@ -2,26 +2,23 @@
 
 Writes ``out_dir/components/{text_encoder,tokenizer,image_encoder,image_processor,movq,unet,scheduler}``
 (each folder appears atomically) and keeps resumable state under ``out_dir/work/``. Rerunning skips
-stages whose folders are complete and resumes a killed stage from its last checkpoint.
-
-    python -m lambda_eclipse.miniworld.build --out runs/miniworld-components --threads 1
+stages whose folders are complete and resumes a killed stage from its last checkpoint. Run by
+`lambda-eclipse miniworld build` (:mod:`.bundle`), or as :func:`build_components` from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import yaml
 
+from ..atomic import atomic_write
 from .clip_recipe import CLIP_COMPONENTS, ClipRecipe, run_clip_stage
 from .data import load_or_render_pool
 from .movq_recipe import MoVQRecipe, run_movq_stage
-from .training import set_threads
 from .unet_recipe import UNetRecipe, run_unet_stage
 
 COMPONENTS = CLIP_COMPONENTS + ("movq", "unet", "scheduler")
@@ -83,7 +80,7 @@ def build_components(
     out_dir = Path(out_dir)
     (out_dir / "work").mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
-    set_threads(config.threads)
+    torch.set_num_threads(max(1, config.threads))  # 1 keeps a background build from crowding the machine
     try:
         return _run_stages(out_dir, config, verify_steps, stages)
     finally:
@@ -95,7 +92,7 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: t
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     components, work = out_dir / "components", out_dir / "work"
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    atomic_write(out_dir / "config.json", json.dumps(asdict(config), indent=2))
     report_path = out_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
 
@@ -104,7 +101,7 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: t
 
     def record(stage: str, metrics: dict, started: float) -> None:
         report[stage] = {**metrics, "seconds": round(time.time() - started, 1)}
-        report_path.write_text(json.dumps(report, indent=2))
+        atomic_write(report_path, json.dumps(report, indent=2))
         log(f"{stage} done: {report[stage]}")
 
     t = time.time()
@@ -132,32 +129,3 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: t
         record(stage, run(), t)
     log(f"{', '.join(stages)} ready in {components}")
     return components
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (components/ and work/ go inside)")
-    parser.add_argument("--config", help="YAML file with BuildConfig fields (nested clip/movq/unet sections)")
-    parser.add_argument("--size", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--scenes", type=int)
-    parser.add_argument("--clip-steps", type=int)
-    parser.add_argument("--movq-steps", type=int)
-    parser.add_argument("--unet-steps", type=int)
-    parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps each (seconds)")
-    args = parser.parse_args(argv)
-    config = smoke_config() if args.smoke else BuildConfig()
-    if args.config:
-        config = BuildConfig.from_dict(yaml.safe_load(Path(args.config).read_text()) or {})
-    top = {k: getattr(args, k) for k in ("size", "seed", "threads", "scenes") if getattr(args, k) is not None}
-    config = replace(config, **top)
-    for stage in ("clip", "movq", "unet"):
-        steps = getattr(args, f"{stage}_steps")
-        if steps is not None:
-            config = replace(config, **{stage: replace(getattr(config, stage), steps=steps)})
-    build_components(args.out, config, verify_steps=5 if args.smoke else 50)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 Stages (each skipped when its output is complete, each resumable after a kill):
   components  tiny CLIP, MoVQ and Kandinsky-2.2-style UNet          (:mod:`.build`)
   features    train and held-out feature stores through the feature store (:mod:`.prior_stage`)
-  priors      the shipped prior (λ = 0.2, configs/prior-miniworld.yaml), and for the λ sweep three shorter
+  priors      the shipped prior (λ = 0.2, miniworld/prior.yaml), and for the λ sweep three shorter
               priors of one recipe (λ = 0, 0.2, 0.5; `sweep_overrides`), all with `train-prior`
   oracle      the concept judge for `miniworld eval`                 (:mod:`.oracle`)
   bundle      one diffusers-style folder that LambdaEclipsePipeline.from_pretrained loads
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .prior_stage import FeatureRecipe, train_miniworld_prior, write_scene_features
-from .training import atomic_dir
+from ..atomic import atomic_dir
 
 SHIPPED_LAMBDA = 0.2
 SWEEP_LAMBDAS = (0.0, 0.2, 0.5)
@@ -53,7 +53,7 @@ def load_encoders(components: Path):
     """The tiny CLIP encoders of a components folder."""
     from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    from ..build import ClipEncoders
+    from ..dataset import ClipEncoders
 
     return ClipEncoders(
         tokenizer=CLIPTokenizer.from_pretrained(components / "tokenizer"),
@@ -133,12 +133,12 @@ def _train_claimed_priors(out: Path, plan: MiniworldBuild, lane: str, log, shipp
                               overrides)
 
 
-def _train_oracle(out: Path, plan: MiniworldBuild, size: int, threads: int, movq_dir: Path) -> None:
+def _train_oracle(out: Path, plan: MiniworldBuild, size: int, movq_dir: Path) -> None:
     from .oracle import train_oracle
 
     if not (out / "oracle" / "oracle.json").is_file():
-        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, threads=threads,
-                     scenes=plan.oracle_scenes, eval_scenes=min(1000, plan.oracle_scenes), movq_dir=movq_dir)
+        train_oracle(out / "oracle", size=size, steps=plan.oracle_steps, seed=0, scenes=plan.oracle_scenes,
+                     eval_scenes=min(1000, plan.oracle_scenes), movq_dir=movq_dir, work_dir=out / "work" / "oracle")
 
 
 def _second_lane(out: Path, plan: MiniworldBuild, config, verify_steps: int) -> None:
@@ -193,7 +193,7 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     write_scene_features(encoders, out / "features" / "heldout", plan.features.val_scenes, "heldout", config.size,
                          plan.features)
     _train_claimed_priors(out, plan, "first", _log, shipped_only=True)
-    _train_oracle(out, plan, config.size, lane_threads, components / "movq")
+    _train_oracle(out, plan, config.size, components / "movq")
     _train_claimed_priors(out, plan, "first", _log)
     if second is not None:
         _log("waiting for the second lane")

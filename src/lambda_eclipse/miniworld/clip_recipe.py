@@ -33,17 +33,11 @@ from .data import (
     shape_labels,
     tokenize,
 )
-from .training import (
-    Checkpointer,
-    atomic_dir,
-    cosine_lr,
-    finish_step,
-    load_checkpoint,
-    optimizer_step,
-    progress,
-    set_lr,
-    step_generator,
-)
+from ..atomic import atomic_dir, atomic_write
+from ..losses import clip_loss
+from ..train.checkpoint import RunState
+from ..train.config import OptimConfig
+from ..train.core import LoopSettings, require_same, run_training
 from .vocab import SHAPES, miniworld_tokenizer
 
 POSITION_GRID = 4  # cells per side of the position head's grid
@@ -52,43 +46,19 @@ CLIP_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processo
 
 @dataclass(frozen=True)
 class ClipRecipe:
-    """Tiny CLIP: model shape and training schedule."""
+    """Tiny CLIP: model shape and training schedule (what each option measured: docs/miniworld-notes.md)."""
 
     steps: int = 2500
     batch_scenes: int = 96  # scene images per batch
     batch_crops: int = 48  # subject crops per batch
     p_full: float = 0.7  # chance a scene is paired with its full caption (else the appearance-free one)
-    # The decoder sees only the image embedding, so it must carry each object's shape; plain contrastive training
-    # (the first bundle: 800 steps, 3 layers, lr 1e-3) left it nearly blind to them: a linear probe read which
-    # shapes a scene holds at F1 0.19, an image preferred its own caption over the same caption with one shape word
-    # changed 67% of the time, and nearest neighbours shared the background always but the shape set 8% of the time.
-    # The four options below fix that; each is a switch so the effect of each stays measurable.
-    # same_background: share of each batch's scenes drawn from one background, so that those negatives differ
-    #   only in their objects. Alone, 2,400 steps: held-out caption top-1 0.81 -> 0.94, probe F1 0.19 -> 0.31.
-    same_background: float = 0.5
-    # shape_negatives: each scene's full caption with one shape word changed is an extra negative for its image.
-    shape_negatives: bool = True
-    # shape_loss: weight of an auxiliary loss through a linear head (not exported) that must read the shapes of a
-    #   scene (multi-hot) and of a crop from the raw image embedding (what the decoder reads). With the two options
-    #   above, 2,000 steps (3 layers, lr 1e-3): wrong-shape preference 0.82, scene-shape F1 of the head 0.39 (0.22
-    #   with the head on the normalised embedding; patch 2 instead of 4: no better at 3x the cost per step).
-    shape_loss: float = 1.0
-    # patch_shape_loss: weight of a per-patch loss through a linear head (not exported) on the vision tower's patch
-    #   tokens, which must name the shape covering each patch (or background). Dense supervision: the tower learns
-    #   to see shapes where they are instead of discovering them from a few bits of multi-hot label. Shapes alone
-    #   (no contrastive loss), batches of 96 scenes: the scene head alone reached held-out scene-shape F1 0.56 after
-    #   1,000 steps (scene loss 0.45 at step 600); with this head, 0.58 after 600 steps (scene loss 0.38); 0.68 with
-    #   lr 2e-3; 0.70 with 4 layers. The shipped recipe (all four, 4 layers, lr 2e-3, 2,500 steps, about 20 min at 2 threads):
-    #   wrong-shape preference 0.91, scene-shape F1 0.68, caption top-1 0.93, appearance-free top-1 0.43,
-    #   crop->appearance 0.99.
-    patch_shape_loss: float = 1.0
-    # position_loss: weight of a loss through a linear head (not exported) on the raw image embedding that must say
-    #   where each shape is (shape x cell of a 4 x 4 grid, multi-hot). The shipped CLIP's embedding reads which
-    #   shapes a scene holds at linear-probe F1 0.77 but shape x cell at only 0.13, and the decoder misplaces
-    #   objects (centre error 10.6 px on ground-truth embeddings). Off in the shipped recipe: continuing the shipped
-    #   CLIP 800 steps with it (1.0) vs without gave shape x cell probe F1 0.167 vs 0.164, no gain. The same 800
-    #   extra steps did raise shapes: probe F1 0.77 -> 0.84, head F1 0.68 -> 0.78, wrong-shape preference 0.94.
-    position_loss: float = 0.0
+    # The decoder reads only the image embedding, so it must carry each object's shape; plain contrastive training
+    # left it nearly blind to shapes. The four options below are the fix, each a switch so its effect stays measurable.
+    same_background: float = 0.5  # share of a batch from one background: those negatives differ only in objects
+    shape_negatives: bool = True  # the full caption with one shape word changed is an extra negative
+    shape_loss: float = 1.0  # a linear head (not exported) must read the shapes from the raw image embedding
+    patch_shape_loss: float = 1.0  # a per-patch head (not exported) must name the shape under each patch token
+    position_loss: float = 0.0  # a head must say where each shape is (4x4 grid); off: measured no gain
     lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.05
@@ -118,28 +88,6 @@ def make_clip(recipe: ClipRecipe, size: int, vocab_size: int, bos_id: int, eos_i
     return CLIPModel(config)
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, text_ids: torch.Tensor, logit_scale: torch.Tensor,
-              negative_emb: torch.Tensor | None = None):
-    """Symmetric InfoNCE with multi-positive targets. image_emb, text_emb: (B, D); text_ids: (B, L);
-    negative_emb: (K, D) texts that match no image (hard negatives), added to each image's candidates.
-
-    Appearance-free captions and crop texts repeat within a batch; every identical text is a positive,
-    so the loss never pushes apart two images that fit the same words.
-    """
-    image_emb = F.normalize(image_emb, dim=-1)
-    text_emb = F.normalize(text_emb, dim=-1)
-    scale = logit_scale.exp().clamp(max=100.0)
-    logits = scale * image_emb @ text_emb.T  # (B, B)
-    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1).float()
-    targets = same / same.sum(1, keepdim=True)
-    image_logits, image_targets = logits, targets
-    if negative_emb is not None:  # image -> text only: a negative text has no image of its own
-        image_logits = torch.cat([logits, scale * image_emb @ F.normalize(negative_emb, dim=-1).T], 1)
-        image_targets = F.pad(targets, (0, len(negative_emb)))
-    return 0.5 * (-(image_targets * image_logits.log_softmax(1)).sum(1).mean()
-                  - (targets * logits.log_softmax(0)).sum(0).mean())
-
-
 def _embed(model: CLIPModel, pixels: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Projected embeddings (B, D) of images (B, 3, S, S) or token ids (B, L), as float32."""
     if pixels is not None:
@@ -167,97 +115,109 @@ def _scene_batch(backgrounds: np.ndarray, batch: int, same_background: float, g:
     return torch.cat([group[torch.randint(len(group), (n_same,), generator=g)], si])
 
 
-def train_clip(
-    pool: ScenePool, work_dir: Path, recipe: ClipRecipe, seed: int, size: int, stop_at: int | None = None
-) -> tuple[CLIPModel, object, dict[str, torch.nn.Module]]:
-    """Train (resuming from ``work_dir/ckpt.pt``) and return ``(model, tokenizer, heads)``; ``heads`` are the
-    auxiliary heads (``shape_head``, ``patch_head``), which are not exported.
+class ClipObjective:
+    """The tiny CLIP's loss for the training core: multi-positive InfoNCE over scenes (full or appearance-free
+    captions) and subject crops (appearance texts), plus the recipe's shape heads."""
 
-    ``stop_at`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
+    def __init__(self, pool: ScenePool, recipe: ClipRecipe, size: int) -> None:
+        self.pool, self.recipe, self.size = pool, recipe, size
+        self.tokenizer = miniworld_tokenizer(recipe.max_length)
+        # tokenize the whole pool once: the tokenizer is the slowest thing per sample otherwise
+        tokenize_all = lambda texts: tokenize(self.tokenizer, texts, recipe.max_length)  # noqa: E731
+        self.ids_full, self.ids_free = tokenize_all(pool.captions_full), tokenize_all(pool.captions_free)
+        self.ids_crop = tokenize_all(pool.crop_texts)
+        self.ids_wrong = tokenize_all(pool.captions_wrong_shape) if recipe.shape_negatives else None
+        self.scene_shapes, self.crop_shapes = shape_labels(pool) if recipe.shape_loss > 0 else (None, None)
+        self.patch_shapes = patch_shape_labels(pool.shape_maps, recipe.patch) if recipe.patch_shape_loss > 0 else None
+        self.shape_cells = shape_cell_labels(pool.shape_maps, POSITION_GRID) if recipe.position_loss > 0 else None
+
+    def config_dict(self) -> dict:
+        return {"clip": asdict(self.recipe), "size": self.size}
+
+    def check_resume(self, saved: dict, output_dir: Path) -> None:
+        require_same(saved, self.config_dict(), ("clip", "size"), output_dir)
+
+    def build_model(self) -> torch.nn.ModuleDict:
+        """``clip`` (the exported CLIPModel) and the auxiliary heads; heads the recipe does not use stay frozen."""
+        r, t = self.recipe, self.tokenizer
+        heads = {
+            "shape_head": (torch.nn.Linear(r.projection_dim, len(SHAPES)), r.shape_loss),
+            "patch_head": (torch.nn.Linear(r.hidden, len(SHAPES) + 1), r.patch_shape_loss),  # background or a shape
+            "position_head": (torch.nn.Linear(r.projection_dim, len(SHAPES) * POSITION_GRID**2), r.position_loss),
+        }
+        modules = {"clip": make_clip(r, self.size, len(t), t.bos_token_id, t.eos_token_id, t.pad_token_id)}
+        for name, (head, weight) in heads.items():
+            modules[name] = head.requires_grad_(weight > 0)
+        return torch.nn.ModuleDict(modules)
+
+    def batches(self, state: RunState, accelerator):
+        r, pool, g = self.recipe, self.pool, state.generator
+        while True:
+            si = _scene_batch(pool.backgrounds, r.batch_scenes, r.same_background, g)
+            ci = torch.randint(len(pool.crops), (r.batch_crops,), generator=g)
+            use_full = torch.rand(r.batch_scenes, generator=g) < r.p_full
+            ids = torch.cat([torch.where(use_full[:, None], self.ids_full[si], self.ids_free[si]), self.ids_crop[ci]])
+            n_pos = len(ids)
+            if self.ids_wrong is not None:
+                ids = torch.cat([ids, self.ids_wrong[si]])
+            ids = trim_padding(ids, self.tokenizer.eos_token_id)
+            pixels = clip_pixels(np.concatenate([pool.images[si.numpy()], pool.crops[ci.numpy()]]))
+            yield {"scenes": si, "crops": ci, "ids": ids, "n_positive": n_pos, "pixels": pixels}
+
+    def losses(self, model, batch, state: RunState) -> dict[str, torch.Tensor]:
+        r, clip, si, ci, ids = self.recipe, model["clip"], batch["scenes"], batch["crops"], batch["ids"]
+        vision = clip.vision_model(pixel_values=batch["pixels"])
+        image_emb = clip.visual_projection(vision.pooler_output).float()  # = _embed(clip, pixels=...)
+        text_emb = _embed(clip, ids=ids)
+        n_pos, n_scenes = batch["n_positive"], len(si)
+        with torch.autocast(image_emb.device.type, enabled=False):  # the losses in float32, outside mixed precision
+            negatives = text_emb[n_pos:] if self.ids_wrong is not None else None
+            loss = clip_loss(image_emb, text_emb[:n_pos], ids[:n_pos], clip.logit_scale.float(), negatives)
+            out = {"contrastive": loss.detach()}
+            if r.shape_loss > 0:
+                shape_logits = model["shape_head"](image_emb)  # the raw embedding: what the decoder reads
+                shape = (F.binary_cross_entropy_with_logits(shape_logits[:n_scenes], self.scene_shapes[si])
+                         + F.cross_entropy(shape_logits[n_scenes:], self.crop_shapes[ci]))
+                loss, out["shape"] = loss + r.shape_loss * shape, shape.detach()
+            if r.patch_shape_loss > 0:
+                tokens = vision.last_hidden_state[:n_scenes, 1:].float()  # (scenes, patches, hidden); 0 is CLS
+                patch = F.cross_entropy(model["patch_head"](tokens).flatten(0, 1), self.patch_shapes[si].flatten())
+                loss, out["patch_shape"] = loss + r.patch_shape_loss * patch, patch.detach()
+            if r.position_loss > 0:
+                position = F.binary_cross_entropy_with_logits(model["position_head"](image_emb[:n_scenes]),
+                                                              self.shape_cells[si])
+                loss, out["position"] = loss + r.position_loss * position, position.detach()
+        return {"loss": loss, **out}
+
+    def validate(self, model, accelerator) -> None:
+        return None
+
+    def export(self, model, output_dir: Path) -> None:
+        return None  # the stage exports after its held-out evaluation (:func:`run_clip_stage`)
+
+
+def clip_loop_settings(recipe: ClipRecipe, work_dir: Path, seed: int) -> LoopSettings:
+    """The training core's settings of the CLIP recipe: AdamW, warm-up then cosine to 10% of the peak."""
+    optim = OptimConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup,
+                        schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0)
+    return LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
+                        keep_checkpoints=1, log_every=50, seed=seed, mixed_precision="bf16" if recipe.bf16 else "no",
+                        name="clip")
+
+
+def train_clip(
+    pool: ScenePool, work_dir: Path, recipe: ClipRecipe, seed: int, size: int, stop_after: int | None = None
+) -> tuple[CLIPModel, object, dict[str, torch.nn.Module]]:
+    """Train (resuming from ``work_dir/checkpoints``) and return ``(model, tokenizer, heads)``; ``heads`` are the
+    auxiliary heads (``shape_head``, ``patch_head``, ``position_head``), which are not exported.
+
+    ``stop_after`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
     """
-    tokenizer = miniworld_tokenizer(recipe.max_length)
-    torch.manual_seed(seed)
-    model = make_clip(
-        recipe, size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    )
-    shape_head = torch.nn.Linear(recipe.projection_dim, len(SHAPES))
-    patch_head = torch.nn.Linear(recipe.hidden, len(SHAPES) + 1)  # per patch token: background or a shape
-    position_head = torch.nn.Linear(recipe.projection_dim, len(SHAPES) * POSITION_GRID**2)
-    heads = {"shape_head": shape_head, "patch_head": patch_head, "position_head": position_head}
-    weights = {"shape_head": recipe.shape_loss, "patch_head": recipe.patch_shape_loss,
-               "position_head": recipe.position_loss}
-    # only the heads in use are optimised: the optimizer's layout then follows the recipe, so a run's checkpoint
-    # resumes under code that has added heads since
-    params = list(model.parameters()) + [p for k, h in heads.items() if weights[k] > 0 for p in h.parameters()]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    ckpt_path = Path(work_dir) / "ckpt.pt"
-    state = load_checkpoint(ckpt_path)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        for name, head in heads.items():
-            if name in state:  # checkpoints of runs from before a head existed have none
-                head.load_state_dict(state[name])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    # tokenize the whole pool once: the tokenizer is the slowest thing per sample otherwise
-    ids_full = tokenize(tokenizer, pool.captions_full, recipe.max_length)
-    ids_free = tokenize(tokenizer, pool.captions_free, recipe.max_length)
-    ids_crop = tokenize(tokenizer, pool.crop_texts, recipe.max_length)
-    if recipe.shape_negatives:
-        ids_wrong = tokenize(tokenizer, pool.captions_wrong_shape, recipe.max_length)
-    if recipe.shape_loss > 0:
-        scene_shapes, crop_shapes = shape_labels(pool)
-    if recipe.patch_shape_loss > 0:
-        patch_shapes = patch_shape_labels(pool.shape_maps, recipe.patch)
-    if recipe.position_loss > 0:
-        shape_cells = shape_cell_labels(pool.shape_maps, POSITION_GRID)
-    ckpt = Checkpointer(ckpt_path, recipe.steps)
-    state_fn = lambda: {
-        "model": model.state_dict(), "optimizer": opt.state_dict(), **{k: h.state_dict() for k, h in heads.items()}
-    }
-    bar = progress(recipe.steps, start, "clip")
-    model.train()
-    for step in range(start, recipe.steps):
-        g = step_generator(seed, step, stream=1)
-        si = _scene_batch(pool.backgrounds, recipe.batch_scenes, recipe.same_background, g)
-        ci = torch.randint(len(pool.crops), (recipe.batch_crops,), generator=g)
-        use_full = torch.rand(recipe.batch_scenes, generator=g) < recipe.p_full
-        ids = torch.cat([torch.where(use_full[:, None], ids_full[si], ids_free[si]), ids_crop[ci]])
-        n_pos = len(ids)
-        if recipe.shape_negatives:
-            ids = torch.cat([ids, ids_wrong[si]])
-        ids = trim_padding(ids, tokenizer.eos_token_id)
-        pixels = clip_pixels(np.concatenate([pool.images[si.numpy()], pool.crops[ci.numpy()]]))
-        set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            vision = model.vision_model(pixel_values=pixels)
-            image_emb = model.visual_projection(vision.pooler_output).float()  # = _embed(model, pixels=pixels)
-            text_emb = _embed(model, ids=ids)
-        negatives = text_emb[n_pos:] if recipe.shape_negatives else None
-        loss = clip_loss(image_emb, text_emb[:n_pos], ids[:n_pos], model.logit_scale, negatives)
-        if recipe.shape_loss > 0:
-            shape_logits = shape_head(image_emb)  # the raw embedding: what the decoder reads
-            n_scenes = len(si)
-            loss = loss + recipe.shape_loss * (
-                F.binary_cross_entropy_with_logits(shape_logits[:n_scenes], scene_shapes[si])
-                + F.cross_entropy(shape_logits[n_scenes:], crop_shapes[ci])
-            )
-        if recipe.patch_shape_loss > 0:
-            tokens = vision.last_hidden_state[: len(si), 1:].float()  # (scenes, patches, hidden); 0 is the CLS token
-            loss = loss + recipe.patch_shape_loss * F.cross_entropy(
-                patch_head(tokens).flatten(0, 1), patch_shapes[si].flatten()
-            )
-        if recipe.position_loss > 0:
-            loss = loss + recipe.position_loss * F.binary_cross_entropy_with_logits(
-                position_head(image_emb[: len(si)]), shape_cells[si]
-            )
-        optimizer_step(loss, (model, *heads.values()), opt)
-        if finish_step(step, loss, bar, ckpt, state_fn, stop_at, digits=3):
-            break
-    bar.close()
-    model.eval()
-    return model, tokenizer, heads
+    objective = ClipObjective(pool, recipe, size)
+    run = run_training(objective, clip_loop_settings(recipe, work_dir, seed), stop_after)
+    modules = run.model.eval()
+    heads = {k: m for k, m in modules.items() if k != "clip"}
+    return modules["clip"], objective.tokenizer, heads
 
 
 @torch.no_grad()
@@ -319,6 +279,6 @@ def run_clip_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
     model, tokenizer, heads = train_clip(pool, work_dir, recipe, seed, size)
     metrics = evaluate_clip(model, tokenizer, heldout, recipe.max_length,
                             shape_head=heads["shape_head"] if recipe.shape_loss > 0 else None)
-    (Path(work_dir) / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
+    atomic_write(Path(work_dir) / "metrics.json", json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
     export_clip(model, tokenizer, size, components)
     return metrics

@@ -6,8 +6,6 @@ rather than rendering every batch afresh.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path
 from .scenes import Scene, Split, iter_scenes
 from .vocab import BG_COLOURS, BG_KINDS, SHAPES
 
@@ -103,15 +102,13 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
                     list(z["captions_wrong_shape"]),
                 )
     pool = render_pool(n, seed, size, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
-    np.savez(
-        tmp, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),
-        captions_free=np.asarray(pool.captions_free), crops=pool.crops,
-        crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, shape_maps=pool.shape_maps,
-        backgrounds=pool.backgrounds, captions_wrong_shape=np.asarray(pool.captions_wrong_shape),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:  # a handle: savez would append ".npz"
+        np.savez(
+            handle, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),
+            captions_free=np.asarray(pool.captions_free), crops=pool.crops,
+            crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, shape_maps=pool.shape_maps,
+            backgrounds=pool.backgrounds, captions_wrong_shape=np.asarray(pool.captions_wrong_shape),
+        )
     return pool
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import KandinskyV22Pipeline
 from PIL import Image
 
+from ..atomic import atomic_write
 from ..encoders import encode_text, prepare_subject_image, zero_image_embedding
 from ..errors import UserError
 from .oracle import Oracle, SceneReading, load_oracle, score_readings
@@ -124,25 +124,22 @@ def subject_embeddings(pipe, scenes: list[Scene], crop_feats: list[torch.Tensor]
 
 @torch.no_grad()
 def decode(pipe, embeds: torch.Tensor, cfg: EvalConfig, size: int) -> np.ndarray:
-    """(N, D) image embeddings -> uint8 (N, S, S, 3) through the unchanged KandinskyV22Pipeline, image k seeded
+    """(N, D) image embeddings -> uint8 (N, S, S, 3) through the package's one decoding function, image k seeded
     with decoder seed k."""
-    from ..pipeline import SCHEDULERS
+    from ..decoding import SCHEDULERS, decode_image_embeds, decoder_scheduler
 
     if cfg.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    scheduler = SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
-    decoder = KandinskyV22Pipeline(unet=pipe.unet, scheduler=scheduler, movq=pipe.movq)
-    decoder.set_progress_bar_config(disable=True)
-    negative = zero_image_embedding(pipe.image_encoder).to(pipe.unet.dtype)
+    scheduler = decoder_scheduler(pipe.scheduler, cfg.scheduler)
+    negative = zero_image_embedding(pipe.image_encoder)
     seeds = _seeds(cfg, len(embeds) // cfg.images_per_prompt, 0)
     out = []
     for i in range(0, len(embeds), cfg.batch):
-        chunk = embeds[i : i + cfg.batch].to(pipe.unet.dtype)
-        images = decoder(
-            image_embeds=chunk, negative_image_embeds=negative.expand(len(chunk), -1), height=size, width=size,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-            generator=_generators(seeds[i : i + len(chunk)]), output_type="np",
-        ).images
+        chunk = embeds[i : i + cfg.batch]
+        images = decode_image_embeds(
+            pipe.unet, scheduler, pipe.movq, chunk, negative.expand(len(chunk), -1), size, size,
+            cfg.num_inference_steps, cfg.guidance_scale, _generators(seeds[i : i + len(chunk)]), "np",
+        )
         out.append(np.round(np.clip(images, 0, 1) * 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -254,11 +251,8 @@ def run_miniworld_eval(
     metrics["oracle_movq_matches"] = _oracle_movq_matches(model_dir, oracle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False)),
-                       ("metrics.md", write_markdown(metrics))):
-        tmp = out / f".tmp-{name}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+    atomic_write(out / "metrics.md", write_markdown(metrics))
     write_grid(out / "grid.png", scenes, images, cfg.images_per_prompt, cfg.grid_rows)
     return metrics
 
@@ -354,34 +348,3 @@ def _evaluate(pipe, oracle: Oracle, cfg: EvalConfig, priors: dict) -> tuple[dict
     }
     return metrics, images, scenes
 
-
-def add_eval_arguments(parser, model: str, oracle: str) -> None:
-    """Arguments of ``lambda-eclipse miniworld eval`` (for the CLI to wire to :func:`eval_command`); ``model`` and
-    ``oracle`` are the defaults (the bundled ones)."""
-    parser.add_argument("--model", default=model, help=f"pipeline folder with a λ-ECLIPSE prior (default {model})")
-    parser.add_argument("--oracle", default=oracle,
-                        help=f"oracle folder, written by `miniworld build` (default {oracle})")
-    parser.add_argument("--out", required=True, help="output folder: metrics.json, metrics.md, grid.png")
-    parser.add_argument("--num-prompts", type=int, default=48, help="held-out prompts (default 48)")
-    parser.add_argument("--seed", type=int, default=0, help="held-out scene stream and generator seed (default 0)")
-    parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=25, help="DDIM decoder steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4.0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--prior", action="append", default=[], metavar="LABEL=DIR",
-                        help="λ sweep: also score the with-subject condition with this prior (repeatable)")
-
-
-def eval_command(ns) -> dict:
-    """Run :func:`run_miniworld_eval` from parsed :func:`add_eval_arguments` and print where the report went."""
-    priors = {}
-    for spec in ns.prior:
-        label, sep, path = spec.rpartition("=")  # the last '=': labels like "λ=0.5" keep theirs
-        if not sep or not label or not path:
-            raise UserError(f"--prior {spec!r}: use LABEL=DIR, e.g. --prior 'λ=0.5=runs/prior-l05'")
-        priors[label] = path
-    cfg = EvalConfig(images_per_prompt=ns.images_per_prompt, num_inference_steps=ns.steps,
-                     guidance_scale=ns.guidance, threads=ns.threads)
-    metrics = run_miniworld_eval(ns.model, ns.oracle, ns.out, ns.num_prompts, ns.seed, priors, cfg)
-    print(Path(ns.out) / "metrics.md")
-    return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_path
 from .scenes import Scene
 
 CONDITION_LABELS = {
@@ -143,8 +144,6 @@ def write_grid(path: str | os.PathLike, scenes: list[Scene], images: dict[str, n
             canvas.paste(crop, (len(columns) * (t + 4) + (k % 2) * half, y + (k // 2) * half))
         draw.text(((len(columns) + 1) * (t + 4) + 4, y + t // 2 - 6), _drawable(scenes[r].captions["appearance_free"]),
                   fill="black")
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")
+    return Path(path)

@@ -16,18 +16,11 @@ import torch
 from diffusers import VQModel
 from diffusers.models.attention_processor import SpatialNorm
 
+from ..atomic import atomic_dir, atomic_write
+from ..train.checkpoint import RunState
+from ..train.config import OptimConfig
+from ..train.core import LoopSettings, require_same, run_training
 from .data import ScenePool, unit_pixels
-from .training import (
-    Checkpointer,
-    atomic_dir,
-    cosine_lr,
-    finish_step,
-    load_checkpoint,
-    optimizer_step,
-    progress,
-    set_lr,
-    step_generator,
-)
 
 
 @dataclass(frozen=True)
@@ -38,9 +31,8 @@ class MoVQRecipe:
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 50
-    # len(block_out_channels) - 1 halvings: 2 levels = factor 2 (32 px -> 16x16x4 latents). Factor 4 (8x8)
-    # measured 4x worse reconstruction (objects became blobs before the UNet even saw them). Every width
-    # must be a multiple of 32: SpatialNorm hard-codes GroupNorm(32) in the decoder.
+    # 2 levels = factor 2 (32 px -> 16x16x4 latents): factor 4 turned objects into blobs. Widths are multiples of
+    # 32: SpatialNorm hard-codes GroupNorm(32) in the decoder
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     latent_channels: int = 4
@@ -68,49 +60,62 @@ def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
-def train_movq(
-    pool: ScenePool, work_dir: Path, recipe: MoVQRecipe, seed: int, stop_at: int | None = None
-) -> VQModel:
-    """Train (resuming from ``work_dir/ckpt.pt``) and return the model (latents not yet normalised).
+class MoVQObjective:
+    """The tiny MoVQ's autoencoder loss for the training core: L1 + L2 reconstruction (object pixels weighted up),
+    L1 on image gradients (sharp silhouettes) and a small latent L2 (keeps the latent scale from drifting)."""
 
-    ``stop_at`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
-    """
-    torch.manual_seed(seed)
-    movq = make_movq(recipe)
-    opt = torch.optim.AdamW(movq.parameters(), lr=recipe.lr, weight_decay=0.0)
-    ckpt_path = Path(work_dir) / "ckpt.pt"
-    state = load_checkpoint(ckpt_path)
-    start = 0
-    if state is not None:
-        movq.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-    ckpt = Checkpointer(ckpt_path, recipe.steps)
-    state_fn = lambda: {"model": movq.state_dict(), "optimizer": opt.state_dict()}
-    bar = progress(recipe.steps, start, "movq")
-    movq.train()
-    for step in range(start, recipe.steps):
-        g = step_generator(seed, step, stream=2)
-        idx = torch.randint(len(pool), (recipe.batch,), generator=g)
-        x = unit_pixels(pool.images[idx.numpy()])
-        w = 1.0 + recipe.object_weight * torch.tensor(pool.object_masks[idx.numpy()], dtype=torch.float32)[:, None]
-        flip = torch.rand(recipe.batch, generator=g) < 0.5  # flips are free extra data for an autoencoder
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        w = torch.where(flip[:, None, None, None], w.flip(-1), w) / w.mean()
-        set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
-        h = movq.encode(x).latents
-        noise = torch.randn(h.shape, generator=g) * recipe.latent_noise * h.detach().std()
-        y = movq.decode(h + noise, force_not_quantize=True).sample
+    def __init__(self, pool: ScenePool, recipe: MoVQRecipe) -> None:
+        self.pool, self.recipe = pool, recipe
+
+    def config_dict(self) -> dict:
+        return {"movq": asdict(self.recipe)}
+
+    def check_resume(self, saved: dict, output_dir: Path) -> None:
+        require_same(saved, self.config_dict(), ("movq",), output_dir)
+
+    def build_model(self) -> VQModel:
+        return make_movq(self.recipe)
+
+    def batches(self, state: RunState, accelerator):
+        r, pool, g = self.recipe, self.pool, state.generator
+        while True:
+            idx = torch.randint(len(pool), (r.batch,), generator=g).numpy()
+            x = unit_pixels(pool.images[idx])
+            w = 1.0 + r.object_weight * torch.tensor(pool.object_masks[idx], dtype=torch.float32)[:, None]
+            flip = torch.rand(r.batch, generator=g) < 0.5  # flips are free extra data for an autoencoder
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            w = torch.where(flip[:, None, None, None], w.flip(-1), w) / w.mean()
+            yield {"pixels": x.to(accelerator.device), "weights": w.to(accelerator.device)}
+
+    def losses(self, model, batch, state: RunState) -> dict[str, torch.Tensor]:
+        r, x, w = self.recipe, batch["pixels"], batch["weights"]
+        h = model.encode(x).latents
+        noise = torch.randn(h.shape, generator=state.generator).to(h) * r.latent_noise * h.detach().std()
+        y = model.decode(h + noise, force_not_quantize=True).sample
         err = y - x
-        loss = (
-            (w * (err.abs() + err.pow(2))).mean() + recipe.edge_weight * _grad_l1(y, x)
-            + recipe.latent_l2 * h.pow(2).mean()
-        )
-        optimizer_step(loss, movq, opt)
-        if finish_step(step, loss, bar, ckpt, state_fn, stop_at):
-            break
-    bar.close()
-    return movq.eval()
+        reconstruction = (w * (err.abs() + err.pow(2))).mean()
+        loss = reconstruction + r.edge_weight * _grad_l1(y, x) + r.latent_l2 * h.pow(2).mean()
+        return {"loss": loss, "reconstruction": reconstruction.detach()}
+
+    def validate(self, model, accelerator) -> None:
+        return None
+
+    def export(self, model, output_dir: Path) -> None:
+        return None  # the stage folds the latent normalisation in first (:func:`run_movq_stage`)
+
+
+def train_movq(
+    pool: ScenePool, work_dir: Path, recipe: MoVQRecipe, seed: int, stop_after: int | None = None
+) -> VQModel:
+    """Train (resuming from ``work_dir/checkpoints``) and return the model (latents not yet normalised).
+
+    ``stop_after`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
+    """
+    optim = OptimConfig(lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup, schedule="cosine",
+                        min_lr_ratio=0.1, max_grad_norm=1.0)
+    settings = LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
+                            keep_checkpoints=1, seed=seed, name="movq")
+    return run_training(MoVQObjective(pool, recipe), settings, stop_after).model.eval()
 
 
 @torch.no_grad()
@@ -175,7 +180,7 @@ def run_movq_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
     metrics["latent_mean_after"] = new_mean.tolist()
     metrics["latent_std_after"] = new_std.tolist()
     metrics["raw_latent_std"] = std.tolist()
-    (Path(work_dir) / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
+    atomic_write(Path(work_dir) / "metrics.json", json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
     with atomic_dir(Path(components) / "movq") as tmp:
         movq.save_pretrained(tmp)
     return metrics

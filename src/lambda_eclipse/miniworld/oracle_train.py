@@ -1,15 +1,11 @@
-"""Training of the concept oracle (:mod:`lambda_eclipse.miniworld.oracle`): targets, loss, augmentation, the loop.
-
-    python -m lambda_eclipse.miniworld.oracle_train --out runs/miniworld-oracle \
-        --movq runs/miniworld-components/components/movq
-"""
+"""Training of the concept oracle (:mod:`lambda_eclipse.miniworld.oracle`): targets, loss, augmentation, and the
+objective that the training core runs (`lambda-eclipse miniworld build` trains it as one of its stages)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, atomic_write
+from ..train.checkpoint import RunState
+from ..train.config import OptimConfig
+from ..train.core import LoopSettings, require_same, run_training
 from .oracle import BG_COLOUR_NAMES, COLOUR_NAMES, CONFIG, WEIGHTS, K, Oracle, OracleNet, oracle_accuracy
 from .scenes import Scene, render_scene, scene_seed
 from .vocab import BG_KINDS, SHAPES, SIZES, TEXTURES
@@ -127,11 +127,47 @@ def _render(n: int, stream: int, size: int, split: str) -> list[Scene]:
     return [render_scene(scene_seed(stream, i), size, split) for i in range(n)]  # type: ignore[arg-type]
 
 
+class OracleObjective:
+    """The oracle's loss for the training core: each batch mixes renders with their MoVQ reconstructions (when
+    given) and is augmented (:func:`augment`), so the judge reads generated images like renders."""
+
+    def __init__(self, targets: Targets, recon: torch.Tensor | None, batch: int, width: int, run: dict) -> None:
+        self.targets, self.recon, self.batch, self.width, self.run = targets, recon, batch, width, run
+        self.clean = torch.from_numpy(targets.images).permute(0, 3, 1, 2).contiguous()  # uint8, converted per batch
+
+    def config_dict(self) -> dict:
+        return {"oracle": self.run}
+
+    def check_resume(self, saved: dict, output_dir: Path) -> None:
+        require_same(saved, self.config_dict(), ("oracle",), output_dir)
+
+    def build_model(self) -> OracleNet:
+        return OracleNet(self.width)
+
+    def batches(self, state: RunState, accelerator):
+        g = state.generator
+        while True:
+            idx = torch.randint(len(self.clean), (self.batch,), generator=g)
+            x = self.clean[idx]
+            if self.recon is not None:
+                x = torch.where((torch.rand(self.batch, generator=g) < 0.5).view(-1, 1, 1, 1), self.recon[idx], x)
+            yield {"index": idx, "images": augment(x.float() / 255.0, g).to(accelerator.device)}
+
+    def losses(self, model, batch, state: RunState) -> dict[str, torch.Tensor]:
+        return {"loss": oracle_loss(model(batch["images"]), self.targets, batch["index"])}
+
+    def validate(self, model, accelerator) -> None:
+        return None
+
+    def export(self, model, output_dir: Path) -> None:
+        return None  # the release folder is written with its held-out accuracy (:func:`train_oracle`)
+
+
 def train_oracle(
-    out_dir: str | os.PathLike, size: int = 32, steps: int = 6000, batch: int = 64, seed: int = 0, threads: int = 1,
+    out_dir: str | os.PathLike, size: int = 32, steps: int = 6000, batch: int = 64, seed: int = 0,
     scenes: int = 30000, width: int = 24, lr: float = 2e-3, movq_dir: str | os.PathLike | None = None,
-    reserved_share: float = 0.25, eval_scenes: int = 1000, log_every: int = 250, checkpoint_every: int = 500,
-    stop_at: int | None = None,
+    reserved_share: float = 0.25, eval_scenes: int = 1000, checkpoint_every: int = 500,
+    stop_after: int | None = None, work_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Train an oracle and write ``out_dir/{model.safetensors, oracle.json}`` (each atomically, config last).
 
@@ -139,63 +175,38 @@ def train_oracle(
     evaluation never uses) so the judge has seen the reserved colour × texture × shape combinations it must judge;
     the generator under test never trains on them, so this leaks nothing. With ``movq_dir`` every scene also gets
     its MoVQ reconstruction and each training sample uses one of the two at random. Seeded and step-bounded;
-    ``oracle.json`` holds the held-out accuracy on ``eval_scenes`` renders (and reconstructions). A killed run
-    resumes from ``out_dir/.ckpt.pt`` (the pool re-renders identically; step k's batch depends on (seed, k) only);
-    ``stop_at`` ends a run early after that many steps with only the checkpoint written (what a kill leaves).
+    ``oracle.json`` holds the held-out accuracy on ``eval_scenes`` renders (and reconstructions). Training runs in
+    ``work_dir`` (default: ``OUT-run`` beside ``out_dir``, so the release folder holds only the release), and a
+    killed run resumes from its checkpoints there (the pool re-renders identically); ``stop_after`` ends a run
+    early after that many steps with only the checkpoint written (what a kill leaves).
     """
     from safetensors.torch import save_file
 
-    from .training import Checkpointer, cosine_lr, load_checkpoint, set_lr, set_threads, step_generator
-
-    set_threads(threads)
-    torch.manual_seed(seed)
     start = time.monotonic()
+    out = Path(out_dir)
     n_res = int(scenes * reserved_share)
     pool = _render(scenes - n_res, 9000 + seed, size, "train") + _render(n_res, 9100 + seed, size, "heldout")
     t = scene_targets(pool)
-    clean = torch.from_numpy(t.images).permute(0, 3, 1, 2).contiguous()  # uint8, converted per batch
     recon = None
     if movq_dir is not None:
         recon = torch.from_numpy(movq_reconstruct(t.images, movq_dir)).permute(0, 3, 1, 2).contiguous()
     prep_s = time.monotonic() - start
-    net = OracleNet(width)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    out, first = Path(out_dir), 0
-    ckpt_path = out / ".ckpt.pt"
-    state = load_checkpoint(ckpt_path)
-    if state is not None and state.get("run") == [size, steps, batch, seed, scenes, width, lr]:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        first = state["step"]
-    ckpt = Checkpointer(ckpt_path, steps, every=checkpoint_every) if checkpoint_every else None
-    net.train()
-    for step in range(first, steps):
-        g = step_generator(seed, step, stream=11)
-        idx = torch.randint(len(pool), (batch,), generator=g)
-        x = clean[idx]
-        if recon is not None:
-            x = torch.where((torch.rand(batch, generator=g) < 0.5).view(-1, 1, 1, 1), recon[idx], x)
-        x = augment(x.float() / 255.0, g)
-        set_lr(opt, cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1)))
-        loss = oracle_loss(net(x), t, idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"oracle step {step + 1}/{steps} loss {loss.item():.4f} {time.monotonic() - start:.0f}s", flush=True)
-        stopping = stop_at is not None and step + 1 >= stop_at
-        if ckpt is not None and step + 1 < steps:
-            ckpt.maybe_save(step + 1, lambda: {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                                               "run": [size, steps, batch, seed, scenes, width, lr]}, force=stopping)
-        if stopping:
-            return out
-    net.eval()
+    run_config = {"size": size, "steps": steps, "batch": batch, "seed": seed, "scenes": scenes, "width": width,
+                  "lr": lr, "reserved_share": reserved_share, "movq": None if movq_dir is None else str(movq_dir)}
+    optim = OptimConfig(lr=lr, weight_decay=1e-4, warmup_steps=min(100, steps // 10 + 1), schedule="cosine",
+                        min_lr_ratio=0.1, max_grad_norm=0.0)
+    settings = LoopSettings(output_dir=str(work_dir or out.with_name(f"{out.name}-run")), max_steps=steps,
+                            optim=optim, checkpoint_every=checkpoint_every, keep_checkpoints=1, seed=seed,
+                            name="oracle")
+    run = run_training(OracleObjective(t, recon, batch, width, run_config), settings, stop_after)
+    if not run.complete:
+        return out
+    net = run.model.eval()
     config = {
         "size": size, "width": width, "shapes": list(SHAPES), "colours": list(COLOUR_NAMES),
         "textures": list(TEXTURES), "sizes": list(SIZES), "bg_colours": list(BG_COLOUR_NAMES),
         "bg_kinds": list(BG_KINDS), "parameters": sum(p.numel() for p in net.parameters()),
-        "train": {"steps": steps, "batch": batch, "seed": seed, "scenes": scenes, "lr": lr,
-                  "reserved_share": reserved_share, "movq": None if movq_dir is None else str(movq_dir), "movq_sha256": weights_fingerprint(movq_dir),
+        "train": {**{k: v for k, v in run_config.items() if k != "width"}, "movq_sha256": weights_fingerprint(movq_dir),
                   "prep_seconds": round(prep_s, 1), "seconds": round(time.monotonic() - start, 1)},
     }
     metrics: dict[str, dict] = {}
@@ -207,34 +218,7 @@ def train_oracle(
             images = movq_reconstruct(np.stack([s.image for s in held]), movq_dir)
             metrics["heldout_movq_reconstructions"] = oracle_accuracy(oracle, held, images)
     config["metrics"] = metrics
-    out.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / f".tmp-{tag}-{WEIGHTS}"))
-    os.chmod(out / f".tmp-{tag}-{WEIGHTS}", 0o644)  # safetensors writes 0600; the folder is meant to be shared
-    os.replace(out / f".tmp-{tag}-{WEIGHTS}", out / WEIGHTS)
-    (out / f".tmp-{tag}-{CONFIG}").write_text(json.dumps(config, indent=2))
-    os.replace(out / f".tmp-{tag}-{CONFIG}", out / CONFIG)  # written last: its presence means the folder is whole
-    ckpt_path.unlink(missing_ok=True)
+    with atomic_path(out / WEIGHTS) as temporary:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(temporary))
+    atomic_write(out / CONFIG, json.dumps(config, indent=2))  # written last: its presence means the folder is whole
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lambda_eclipse.miniworld.oracle_train --out runs/miniworld-oracle [--steps N] [--movq DIR]``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="train the miniature-world concept oracle")
-    p.add_argument("--out", required=True)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--scenes", type=int, default=30000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--movq", help="MoVQ folder: also train on its reconstructions")
-    a = p.parse_args(argv)
-    out = train_oracle(a.out, a.size, a.steps, a.batch, a.seed, a.threads, a.scenes, movq_dir=a.movq)
-    print(json.dumps(json.loads((out / CONFIG).read_text())["metrics"], indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,11 +14,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..build import CaptionedImage, ClipEncoders, encode_stream
+from ..dataset import CaptionedImage, ClipEncoders, encode_stream
 from ..features import FeatureWriter, read_index, stored_source_ids
 from .scenes import Split, iter_scenes
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "prior-miniworld.yaml"
+CONFIG = Path(__file__).with_name("prior.yaml")  # the shipped prior's recipe, package data
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPVisionModelWithProjection
 
+from ..atomic import atomic_path, atomic_write
+from ..train.config import OptimConfig
+from ..train.core import LoopSettings, run_training
+from ..train.decoder import DecoderObjective, DecoderObjectiveConfig
 from .data import ScenePool, clip_pixels, unit_pixels
-from .training import (
-    Checkpointer,
-    EMA,
-    atomic_dir,
-    cosine_lr,
-    finish_step,
-    load_checkpoint,
-    optimizer_step,
-    progress,
-    set_lr,
-    step_generator,
-)
 
 KANDINSKY22_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -54,9 +46,7 @@ def kandinsky_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 class UNetRecipe:
     """Tiny K2.2 UNet: model shape and training schedule."""
 
-    # 9,400 steps of the (64, 64, 128) UNet cost the same lane time as 13,000 of (32, 64, 128) (1.37x per step) and
-    # decode better (configs/miniworld.yaml has the comparison)
-    steps: int = 9400
+    steps: int = 9400  # the lane time of the 2-hour build; decoder skill grows with training (docs/miniworld-notes.md)
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
@@ -69,9 +59,8 @@ class UNetRecipe:
     cond_dropout: float = 0.1
     ema_decay: float = 0.999
     snr_gamma: float = 5.0  # Min-SNR loss weighting: faster convergence for short runs
-    # K2.2 ships "epsilon"; measured on this stack, ε-prediction left colours and backgrounds wrong after
-    # 9,000 steps (held-out render retrieval 0.14) while v-prediction got them right after 1,500 (0.92 at
-    # guidance 1). The choice is saved in scheduler/ and the unchanged pipeline follows it.
+    # K2.2 ships "epsilon"; v-prediction learned colours and backgrounds far sooner here. Saved in scheduler/, and the
+    # unchanged pipeline follows it
     prediction_type: str = "v_prediction"
 
 
@@ -112,58 +101,30 @@ def encode_pool(
 
 def train_unet(
     latents: torch.Tensor, embeds: torch.Tensor, zero_embed: torch.Tensor, work_dir: Path, recipe: UNetRecipe,
-    seed: int, stop_at: int | None = None,
+    seed: int, export_to: Path | None = None, stop_after: int | None = None,
 ) -> UNet2DConditionModel:
-    """Train on cached (latents (N, C, h, w), embeds (N, D)); resumes from ``work_dir/ckpt.pt``.
+    """Eq. 2 (:class:`~lambda_eclipse.train.decoder.DecoderObjective`) on cached (latents (N, C, h, w), embeds
+    (N, D)) through the training core; resumes from ``work_dir/checkpoints``.
 
-    Returns the UNet holding the EMA weights (what gets saved). ``stop_at`` ends the run early after that
-    many steps, with a checkpoint (what a kill leaves behind).
+    Returns the UNet holding the EMA weights, which a complete run also exports (``unet/`` and ``scheduler/``)
+    to ``export_to`` (default: ``work_dir``). ``stop_after`` ends the run early after that many steps, with a
+    checkpoint (what a kill leaves behind).
     """
-    torch.manual_seed(seed)
-    unet = make_unet(recipe, embeds.shape[1], latents.shape[1], latents.shape[-1])
-    ema = EMA(unet, recipe.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
-    ckpt_path = Path(work_dir) / "ckpt.pt"
-    state = load_checkpoint(ckpt_path)
-    start = 0
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
     if recipe.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be epsilon or v_prediction, not {recipe.prediction_type!r}")
-    alphas = kandinsky_scheduler().alphas_cumprod.float()  # (1000,)
-    snr = alphas / (1 - alphas)
-    # Min-SNR-γ: min(snr, γ)/snr on the ε loss, min(snr, γ)/(snr + 1) on the v loss
-    v_pred = recipe.prediction_type == "v_prediction"
-    weight = torch.clamp(snr, max=recipe.snr_gamma) / (snr + 1 if v_pred else snr)
-    c = latents.shape[1]
-    ckpt = Checkpointer(ckpt_path, recipe.steps, every=1000)
-    state_fn = lambda: {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
-    bar = progress(recipe.steps, start, "unet")
-    unet.train()
-    for step in range(start, recipe.steps):
-        g = step_generator(seed, step, stream=3)
-        idx = torch.randint(len(latents), (recipe.batch,), generator=g)
-        x0, cond = latents[idx], embeds[idx]
-        drop = torch.rand(recipe.batch, generator=g) < recipe.cond_dropout
-        cond = torch.where(drop[:, None], zero_embed.expand_as(cond), cond)
-        t = torch.randint(0, len(alphas), (recipe.batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        set_lr(opt, cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
-        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if v_pred else eps
-        pred = unet(noisy, t, None, added_cond_kwargs={"image_embeds": cond}).sample[:, :c]
-        loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
-        optimizer_step(loss, unet, opt)
-        ema.update(unet, step)
-        if finish_step(step, loss, bar, ckpt, state_fn, stop_at):
-            break
-    bar.close()
-    unet.load_state_dict(ema.state_dict())
-    return unet.eval()
+    shape = (embeds.shape[1], latents.shape[1], latents.shape[-1])
+    objective = DecoderObjective(
+        make_unet=lambda: make_unet(recipe, *shape), scheduler=kandinsky_scheduler(recipe.prediction_type),
+        latents=latents, embeds=embeds, zero_embed=zero_embed,
+        config=DecoderObjectiveConfig(batch_size=recipe.batch, cond_dropout=recipe.cond_dropout,
+                                      snr_gamma=recipe.snr_gamma),
+        export_to=export_to or work_dir, settings={**asdict(recipe), "shape": list(shape)},
+    )
+    optim = OptimConfig(lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup, schedule="cosine",
+                        min_lr_ratio=0.1, max_grad_norm=1.0, ema_decay=recipe.ema_decay)
+    settings = LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
+                            keep_checkpoints=1, seed=seed, name="unet")
+    return run_training(objective, settings, stop_after).model.eval()
 
 
 @torch.no_grad()
@@ -172,16 +133,14 @@ def verify_decoder(
     size: int, steps: int = 50, guidance: float = 4.0, seed: int = 0, scheduler: DDPMScheduler | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Render ``images`` (N, S, S, 3) back from their CLIP embeddings through the unchanged
-    KandinskyV22Pipeline and score it: the share of renders whose CLIP embedding is nearest to their own
-    source among the N (chance 1/N). Returns (metrics, generated uint8 (N, S, S, 3))."""
-    pipe = KandinskyV22Pipeline(unet=unet, scheduler=scheduler or kandinsky_scheduler(), movq=movq)
-    pipe.set_progress_bar_config(disable=True)
+    KandinskyV22Pipeline (the package's one decoding function) and score it: the share of renders whose CLIP
+    embedding is nearest to their own source among the N (chance 1/N). Returns (metrics, generated uint8 (N, S, S, 3))."""
+    from ..decoding import decode_image_embeds
+
     emb = image_encoder(pixel_values=clip_pixels(images)).image_embeds
     neg = zero_image_embedding(image_encoder, size).expand_as(emb)
-    out = pipe(
-        image_embeds=emb, negative_image_embeds=neg, height=size, width=size, num_inference_steps=steps,
-        guidance_scale=guidance, output_type="np", generator=torch.Generator().manual_seed(seed),
-    ).images
+    out = decode_image_embeds(unet, scheduler or kandinsky_scheduler(), movq, emb, neg, size, size, steps, guidance,
+                              torch.Generator().manual_seed(seed), "np")
     gen = np.round(out * 255).astype(np.uint8)
     gen_emb = F.normalize(image_encoder(pixel_values=clip_pixels(gen)).image_embeds, dim=-1)
     sims = gen_emb @ F.normalize(emb, dim=-1).T
@@ -194,24 +153,21 @@ def run_unet_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
                    seed: int, size: int, verify_n: int = 64, verify_steps: int = 50) -> dict[str, float]:
     """Encode the pool (cached), train, export ``unet/`` and ``scheduler/``, verify through the pipeline."""
     from PIL import Image
+    from safetensors.torch import load_file, save_file
 
     work_dir = Path(work_dir)
     movq = VQModel.from_pretrained(Path(components) / "movq").eval()
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(Path(components) / "image_encoder").eval()
-    cache = work_dir / "encoded.pt"
+    cache = work_dir / "encoded.safetensors"
     if cache.exists():
-        latents, embeds = torch.load(cache)
+        cached = load_file(str(cache))
+        latents, embeds = cached["latents"], cached["embeds"]
     else:
         latents, embeds = encode_pool(pool.images, movq, image_encoder)
-        from .training import atomic_save
-
-        atomic_save((latents, embeds), cache)
+        with atomic_path(cache) as temporary:
+            save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous()}, str(temporary))
     zero = zero_image_embedding(image_encoder, size)
-    unet = train_unet(latents, embeds, zero, work_dir, recipe, seed)
-    with atomic_dir(Path(components) / "unet") as tmp:
-        unet.save_pretrained(tmp)
-    with atomic_dir(Path(components) / "scheduler") as tmp:
-        kandinsky_scheduler(recipe.prediction_type).save_pretrained(tmp)
+    unet = train_unet(latents, embeds, zero, work_dir, recipe, seed, export_to=Path(components))
     images = heldout.images[:verify_n]
     metrics, rows = {}, [np.concatenate(list(images[:16]), 1)]
     for guidance in (1.0, 4.0):
@@ -223,6 +179,7 @@ def run_unet_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
         metrics.update(n=m["n"], steps=m["steps"])
         rows.append(np.concatenate(list(gen[:16]), 1))
     # top row: held-out sources; then renders at guidance 1 and 4
-    Image.fromarray(np.concatenate(rows, 0)).save(work_dir / "samples.png")
-    (work_dir / "metrics.json").write_text(json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
+    with atomic_path(work_dir / "samples.png") as temporary:
+        Image.fromarray(np.concatenate(rows, 0)).save(temporary, format="PNG")
+    atomic_write(work_dir / "metrics.json", json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
     return metrics

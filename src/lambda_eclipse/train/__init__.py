@@ -1,6 +1,11 @@
-"""Prior training (Eq. 1 on interleaved features) and decoder fine-tuning; never imported by the core library."""
+"""Training: one core (:mod:`.core`) with the objectives plugged in — the prior (Eq. 1, :mod:`.prior`) and the
+decoder UNet (Eq. 2, :mod:`.decoder`). Never imported by the core library."""
 
 from .config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig, load_config
-from .loop import evaluate, train_prior
+from .core import LoopSettings, Objective, TrainingRun, run_training
+from .prior import PriorObjective, evaluate, train_prior
 
-__all__ = ["DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig", "evaluate", "load_config", "train_prior"]
+__all__ = [
+    "DataConfig", "LossConfig", "LoopSettings", "ModelConfig", "Objective", "OptimConfig", "PriorObjective",
+    "TrainConfig", "TrainingRun", "evaluate", "load_config", "run_training", "train_prior",
+]

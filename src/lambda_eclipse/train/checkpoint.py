@@ -1,4 +1,4 @@
-"""Training checkpoints (resume exactly) and the released-format prior export.
+"""Training checkpoints: resume exactly.
 
 A training checkpoint is ``output_dir/checkpoints/step-NNNNNN/``: accelerate's ``save_state`` (model, optimizer,
 RNG states of every rank, and the registered objects: LR schedule, run state, EMA) plus the resolved config. It is
@@ -7,8 +7,6 @@ written under a temporary name and renamed, so a kill leaves either a complete c
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -17,6 +15,8 @@ from typing import Any
 
 import torch
 import yaml
+
+from ..atomic import publish_dir
 
 CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 
@@ -27,6 +27,8 @@ class RunState:
 
     ``data_position`` counts global micro-batches consumed (see :class:`~lambda_eclipse.train.data.ResumableBatchSampler`);
     with a streaming reader, ``stream_position`` is the stream's own position after the last batch consumed.
+    Every random draw of an objective goes through ``generator``, so a resumed run draws what an uninterrupted
+    one would have.
     """
 
     step: int = 0
@@ -61,18 +63,19 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, config_dict: dict[
     """Save a training checkpoint atomically and prune all but the newest ``keep``. Returns its path (main rank)."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step:06d}"
-    temporary = root / f".tmp-step-{step:06d}"
+    # Every rank writes its own RNG state into the same folder, so the folder's name must be known to all of them:
+    # a fixed staging name, cleared by the main rank first.
+    staging = root / f".staging-step-{step:06d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
+    accelerator.save_state(str(staging), safe_serialization=True)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    (temporary / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
+    (staging / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    publish_dir(staging, final)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -80,24 +83,3 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, config_dict: dict[
 
 def saved_config(checkpoint: Path) -> dict[str, Any]:
     return yaml.safe_load((checkpoint / "config.yaml").read_text())
-
-
-def export_prior(model: torch.nn.Module, output_dir: Path) -> Path:
-    """Write the released-format prior (``config.json`` + ``diffusion_pytorch_model.safetensors``) to ``prior/``."""
-    target = Path(output_dir) / "prior"
-    temporary = Path(output_dir) / ".tmp-prior"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    old = Path(output_dir) / ".old-prior"
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(temporary, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)

@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then decay."""
+    """AdamW with linear warm-up then decay (the training core's optimizer settings, for every objective)."""
 
     lr: float = _f(5e-5, "peak learning rate (paper: 5e-5)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -60,6 +60,7 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     warmup_steps: int = _f(1000, "linear warm-up steps")
     schedule: str = _f("cosine", "decay after warm-up: cosine, linear or constant")
+    min_lr_ratio: float = _f(0.0, "cosine only: the learning rate it decays to, as a share of lr")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
     ema_decay: float = _f(0.0, "EMA decay of the weights (0 disables EMA); the exported prior uses the EMA weights")
@@ -182,6 +183,7 @@ def validate(config: TrainConfig) -> None:
         (config.optim.grad_accum_steps > 0, "optim.grad_accum_steps must be positive"),
         (config.optim.lr > 0, "optim.lr must be positive"),
         (config.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule must be cosine, linear or constant"),
+        (0 <= config.optim.min_lr_ratio < 1, "optim.min_lr_ratio must be in [0, 1)"),
         (config.loss.temperature > 0, "loss.temperature must be positive"),
         (0 <= config.loss.edge_drop_prob <= 1, "loss.edge_drop_prob must be in [0, 1]"),
         (0 <= config.data.subject_drop_prob <= 1, "data.subject_drop_prob must be in [0, 1]"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conditioning import bind_subjects, subject_token_index
+from ..conditioning import bind_subjects
 from ..losses import prior_loss
 
 
@@ -24,11 +24,11 @@ def interleaved_prior_inputs(
 
     Args:
         batch: ``collate_features`` output — token_states (B, L, D), attention_mask (B, L), pooled_text (B, D),
-            subject_embeds (B, S, D), subject_spans (B, S, 2), subject_mask (B, S), edge (B, D), has_edge (B,).
+            token_subject (B, L), subject_embeds (B, S, D), subject_mask (B, S), edge (B, D), has_edge (B,).
         zero_image: (D,) or (1, D) zero-image embedding: the control input when a sample has no edge map or drops it.
         generator: CPU generator for the noise token and the drop decisions (its state is checkpointed).
         edge_drop_prob: probability of replacing an edge embedding by the zero-image embedding (paper: 1%).
-        subject_drop_prob: probability of leaving a subject's word as plain text.
+        subject_drop_prob: probability of leaving a subject's word as plain text (every occurrence of it).
 
     Returns:
         hidden_states (B, D) noise, proj_embedding, encoder_hidden_states, attention_mask, control_embedding.
@@ -41,9 +41,11 @@ def interleaved_prior_inputs(
     noise = torch.randn(b, dim, generator=generator).to(device, states.dtype)
     keep_subject = torch.rand(subject_mask.shape, generator=generator) >= subject_drop_prob
     keep_edge = torch.rand(b, generator=generator) >= edge_drop_prob
-    subject_mask = subject_mask & keep_subject.to(device)
-    index = subject_token_index(batch["subject_spans"], subject_mask, length)
-    bound = bind_subjects(states, batch["subject_embeds"], index)
+    keep = subject_mask & keep_subject.to(device)  # (B, S)
+    index = batch["token_subject"].to(device, torch.long)  # (B, L), -1 = text
+    # A dropped subject loses all its tokens at once: unbind every token whose owner is not kept.
+    kept = torch.gather(keep, 1, index.clamp(min=0)) & (index >= 0)
+    bound = bind_subjects(states, batch["subject_embeds"], torch.where(kept, index, -1))
     inputs = dict(
         hidden_states=noise,
         proj_embedding=batch["pooled_text"],

@@ -1,7 +1,8 @@
 """The dataset builder's last stage: captions, subject crops and images -> CLIP feature samples.
 
-Every sample's subject-word spans come from :func:`lambda_eclipse.conditioning.locate_subject_tokens`, the function
-the generation pipeline uses to bind subjects, so the trainer binds exactly the tokens inference will bind.
+Every sample's ``token_subject`` (which tokens each subject is bound to, every occurrence of its word) comes from
+:func:`lambda_eclipse.conditioning.locate_subject_tokens` and :func:`~lambda_eclipse.conditioning.subject_token_index`,
+the functions the generation pipeline binds subjects with, so the trainer binds exactly the tokens inference binds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from ..conditioning import locate_subject_tokens
+from ..conditioning import locate_subject_tokens, subject_token_index
 from ..encoders import canny_edges, encode_images, encode_text, text_context_length
 from ..features import FeatureSample
 
@@ -64,13 +65,15 @@ def encode_records(encoders: ClipEncoders, records: Sequence[CaptionedImage]) ->
         edge = None
         if record.with_edge:
             edge, cursor = embeds[cursor], cursor + 1
-        # One span per subject: the first occurrence (the feature schema stores one; captions name each once).
-        spans = torch.tensor([tokens.spans[w][0] for w in tokens.spans], dtype=torch.int32).reshape(-1, 2)
+        # Subjects are numbered in record order, which is the order of the crops above.
+        owner = subject_token_index(tokens)  # (L,) over the real tokens, BOS..EOS
         real = int(text.attention_mask[i].sum())
+        if real != len(owner):  # the two tokenizations must agree, or the index would point at other tokens
+            raise RuntimeError(f"caption {record.caption!r}: {real} encoded tokens but {len(owner)} located ones")
         samples.append(
             FeatureSample(
                 caption=record.caption, token_states=text.token_states[i, :real].float().cpu(),
-                pooled_text=text.pooled[i].float().cpu(), subject_embeds=subjects, subject_spans=spans,
+                pooled_text=text.pooled[i].float().cpu(), subject_embeds=subjects, token_subject=owner,
                 target=target, edge=edge, source_id=record.source_id,
             )
         )
