@@ -56,13 +56,15 @@ def write_paper_scale_store(path: Path, num_samples: int, seed: int = 0, shard_s
             length, count = int(lengths[i]), int(counts[i])
             vectors = pool[offsets[i] : offsets[i] + length + count + 3]
             starts = torch.randperm(length - 2, generator=g)[:count] + 1  # subject words between BOS and EOS
+            token_subject = torch.full((length,), -1, dtype=torch.long)
+            token_subject[starts] = torch.arange(count)
             writer.add(
                 FeatureSample(
                     caption="a photo of a dog wearing a red hat next to a cat on a sofa",
                     token_states=vectors[:length],
                     pooled_text=vectors[length],
                     subject_embeds=vectors[length + 3 : length + 3 + count],
-                    subject_spans=torch.stack([starts, starts + 1], dim=1),
+                    token_subject=token_subject,
                     target=vectors[length + 1],
                     edge=vectors[length + 2],
                     source_id=f"laion-{i:09d}",
@@ -86,7 +88,7 @@ def time_loader(loader: DataLoader, max_batches: int) -> tuple[float, dict[str, 
 
 def real_prior_step() -> Callable[[dict[str, Any]], Any]:
     """One training step of the paper-size prior: λ binding, forward, Eq. 1 loss, backward, AdamW."""
-    from lambda_eclipse.conditioning import bind_subjects, subject_token_index
+    from lambda_eclipse.conditioning import bind_subjects
     from lambda_eclipse.losses import prior_loss
     from lambda_eclipse.prior import LambdaEclipsePrior
 
@@ -98,8 +100,7 @@ def real_prior_step() -> Callable[[dict[str, Any]], Any]:
 
     def step(batch: dict[str, Any]) -> float:
         tokens = batch["token_states"]
-        owner = subject_token_index(batch["subject_spans"], batch["subject_mask"], tokens.shape[1])
-        interleaved = bind_subjects(tokens, batch["subject_embeds"], owner)
+        interleaved = bind_subjects(tokens, batch["subject_embeds"], batch["token_subject"])
         out = model(
             hidden_states=torch.randn_like(batch["target"]),  # the noise token, as in the released pipeline
             proj_embedding=batch["pooled_text"],
@@ -131,7 +132,8 @@ def time_step(step: Callable[[dict[str, Any]], Any], batch: dict[str, Any], repe
 def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     out = {k: v[:n] for k, v in batch.items() if torch.is_tensor(v) or isinstance(v, list)}
     longest = int(out["attention_mask"].sum(1).max())  # keep the padding rule: longest real length in the batch
-    out["token_states"], out["attention_mask"] = out["token_states"][:, :longest], out["attention_mask"][:, :longest]
+    for key in ("token_states", "attention_mask", "token_subject"):  # every per-token tensor
+        out[key] = out[key][:, :longest]
     return out
 
 

@@ -24,7 +24,7 @@ from released_prior import ReleasedPrior  # noqa: E402
 
 from lambda_eclipse import LambdaEclipsePrior  # noqa: E402
 from lambda_eclipse.losses import prior_loss  # noqa: E402
-from lambda_eclipse.train.loop import _mixed_precision  # noqa: E402
+from lambda_eclipse.train.core import resolve_mixed_precision  # noqa: E402
 from lambda_eclipse.train.step import interleaved_prior_inputs, prior_step_losses  # noqa: E402
 
 DIM, TEXT = 1280, 77
@@ -36,17 +36,17 @@ def feature_batch(batch: int, seed: int, device: str) -> dict[str, torch.Tensor]
     lengths = caption_lengths(batch, g)
     longest = int(lengths.max())
     subjects = torch.randint(1, 5, (batch,), generator=g)
-    spans = torch.zeros(batch, 4, 2, dtype=torch.long)
+    token_subject = torch.full((batch, longest), -1, dtype=torch.long)
     for i in range(batch):
         for s in range(int(subjects[i])):
             start = 1 + s * 2
             if start + 1 < lengths[i] - 1:
-                spans[i, s] = torch.tensor([start, start + 1])
+                token_subject[i, start] = s
     x = dict(
         token_states=torch.randn(batch, longest, DIM, generator=g),
         attention_mask=torch.arange(longest)[None] < lengths[:, None],
         pooled_text=torch.randn(batch, DIM, generator=g), target=torch.randn(batch, DIM, generator=g),
-        subject_embeds=torch.randn(batch, 4, DIM, generator=g), subject_spans=spans,
+        subject_embeds=torch.randn(batch, 4, DIM, generator=g), token_subject=token_subject,
         subject_mask=torch.arange(4)[None] < subjects[:, None], edge=torch.randn(batch, DIM, generator=g),
         has_edge=torch.rand(batch, generator=g) < 0.5,
     )
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"])
     args = parser.parse_args()
     device = args.device
-    precision = _mixed_precision(args.precision) if args.precision == "auto" else args.precision
+    precision = resolve_mixed_precision(args.precision) if args.precision == "auto" else args.precision
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     print(f"device={device} ours_precision={precision} threads={torch.get_num_threads()} torch={torch.__version__}")
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lambda_eclipse import UserError, bind_subjects, interleave_prompts, locate_subject_tokens, subject_token_index
-from lambda_eclipse.conditioning import normalize_subject_word, spans_tensor
+from lambda_eclipse.conditioning import normalize_subject_word
 from tiny import tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -51,10 +51,7 @@ def test_binding_errors(prompt, words, message):
 def test_bind_replaces_exactly_the_subject_tokens():
     states = torch.randn(2, 6, 4)
     subjects = torch.randn(2, 2, 4)
-    spans = torch.tensor([[[1, 3], [4, 5]], [[2, 3], [0, 0]]])
-    mask = torch.tensor([[True, True], [True, False]])
-    index = subject_token_index(spans, mask, 6)
-    assert index.tolist() == [[-1, 0, 0, -1, 1, -1], [-1, -1, 0, -1, -1, -1]]
+    index = torch.tensor([[-1, 0, 0, -1, 1, -1], [-1, -1, 0, -1, -1, -1]])
     bound = bind_subjects(states, subjects, index)
     expected = states.clone()
     expected[0, 1] = expected[0, 2] = subjects[0, 0]
@@ -63,12 +60,16 @@ def test_bind_replaces_exactly_the_subject_tokens():
     assert torch.equal(bound, expected)
 
 
-def test_spans_tensor_handles_repeats():
-    located = [locate_subject_tokens(TOK, "a dog and a dog on a cat", ["dog", "cat"])]
-    spans, mask = spans_tensor(located, ["dog", "cat"])
-    assert spans.shape == (1, 2, 2, 2) and mask.all()
-    index = subject_token_index(spans, mask, 12)
-    assert (index == 0).sum() == 2 and (index == 1).sum() == 1
+def test_token_index_owns_every_occurrence():
+    located = locate_subject_tokens(TOK, "a dog and a dog on a cat", ["dog", "cat"])
+    assert len(located.spans["dog"]) == 2
+    index = subject_token_index(located, 12)
+    assert index.shape == (12,) and (index[len(located.input_ids):] == -1).all()  # past the prompt: text
+    for s, word in enumerate(["dog", "cat"]):
+        owned = [i for i, o in enumerate(index.tolist()) if o == s]
+        assert owned == [i for a, b in located.spans[word] for i in range(a, b)]
+    with pytest.raises(ValueError, match="shorter"):
+        subject_token_index(located, 3)
 
 
 def test_interleave_keeps_pooled_text_only(tiny_pipe):

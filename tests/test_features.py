@@ -33,16 +33,20 @@ DIM, MAX_LEN = 16, 12
 
 
 def make_sample(i: int, g: torch.Generator, subjects: int | None = None) -> FeatureSample:
-    length = int(torch.randint(3, MAX_LEN + 1, (1,), generator=g))
+    length = int(torch.randint(6, MAX_LEN + 1, (1,), generator=g))
     count = i % 5 if subjects is None else subjects  # 0..4 subjects
-    starts = torch.randint(1, length - 1, (count,), generator=g) if count else torch.zeros(0, dtype=torch.long)
-    spans = torch.stack([starts, starts + 1], dim=1) if count else torch.zeros(0, 2, dtype=torch.long)
+    # subject k owns token 1 + k, and subject 0 also a second occurrence at the last real token before EOS
+    token_subject = torch.full((length,), -1, dtype=torch.long)
+    for k in range(count):
+        token_subject[1 + k] = k
+    if count and length - 2 > count:
+        token_subject[length - 2] = 0
     return FeatureSample(
         caption=f"caption {i} – ünïcode ✓",
         token_states=torch.randn(length, DIM, generator=g),
         pooled_text=torch.randn(DIM, generator=g),
         subject_embeds=torch.randn(count, DIM, generator=g),
-        subject_spans=spans,
+        token_subject=token_subject,
         target=torch.randn(DIM, generator=g),
         edge=torch.randn(DIM, generator=g) if i % 3 else None,
         source_id=f"src-{i}",
@@ -64,7 +68,7 @@ def assert_same_sample(got: FeatureSample, want: FeatureSample) -> None:
     assert got.caption == want.caption and got.source_id == want.source_id
     for name in ("token_states", "pooled_text", "subject_embeds", "target"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name).half(), rtol=0, atol=0)
-    assert torch.equal(got.subject_spans, want.subject_spans.long())
+    assert torch.equal(got.token_subject, want.token_subject.long())
     assert (got.edge is None) == (want.edge is None)
     if want.edge is not None:
         assert torch.equal(got.edge, want.edge.half())
@@ -104,7 +108,9 @@ def test_fp16_storage_keeps_direction() -> None:
     [
         (dict(token_states=torch.randn(MAX_LEN + 1, DIM)), "tokens"),
         (dict(token_states=torch.randn(4, DIM + 1)), "token_states"),
-        (dict(subject_spans=torch.tensor([[3, 9]])), "subject_spans"),
+        (dict(token_subject=torch.tensor([-1, 0, 1, -1, -1])), "token_subject"),  # subject 1 does not exist
+        (dict(token_subject=torch.tensor([-1, -1, -1, -1, -1])), "token_subject"),  # subject 0 owns no token
+        (dict(token_subject=torch.tensor([-1, 0, -1])), "token_subject"),  # not one entry per token
         (dict(target=torch.full((DIM,), float("nan"))), "NaN"),
         (dict(pooled_text=torch.full((DIM,), 1e6)), "fp16"),
     ],
@@ -112,7 +118,7 @@ def test_fp16_storage_keeps_direction() -> None:
 def test_writer_rejects_bad_samples(tmp_path: Path, change: dict, message: str) -> None:
     sample = make_sample(1, torch.Generator().manual_seed(0), subjects=1)
     sample.token_states = sample.token_states[:5]
-    sample.subject_spans = torch.tensor([[1, 2]])
+    sample.token_subject = torch.tensor([-1, 0, -1, -1, -1])
     for key, value in change.items():
         setattr(sample, key, value)
     with FeatureWriter(tmp_path / "s", dim=DIM, max_text_len=MAX_LEN) as writer:
@@ -129,11 +135,11 @@ def test_append_resume_and_crash(tmp_path: Path) -> None:
         FeatureWriter(root, dim=DIM + 1, max_text_len=MAX_LEN, append=True)
     with pytest.raises(UserError, match="another encoder"):
         FeatureWriter(root, dim=DIM, max_text_len=MAX_LEN, append=True, zero_image=-torch.ones(DIM))
-    (root / "shard-00009.safetensors.tmp").write_bytes(b"half a shard")  # left by a crash
+    (root / ".tmp-shard-00009.safetensors-0badf00d").write_bytes(b"half a shard")  # left by a crash
     g = torch.Generator().manual_seed(1)
     with pytest.raises(RuntimeError):
         with FeatureWriter(root, dim=DIM, max_text_len=MAX_LEN, shard_size=4, append=True) as writer:
-            assert not (root / "shard-00009.safetensors.tmp").exists()
+            assert not (root / ".tmp-shard-00009.safetensors-0badf00d").exists()
             for i in range(5, 11):  # commits one shard of 4, leaves 2 pending
                 writer.add(make_sample(i, g))
             raise RuntimeError("builder died")
@@ -148,7 +154,7 @@ def test_collate_pads_to_longest_in_batch(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     samples = [make_sample(i, g) for i in range(6)]
     samples[0].token_states = samples[0].token_states[:3]
-    samples[0].subject_spans = samples[0].subject_spans.clamp(max=2)  # sample 0 has no subjects anyway
+    samples[0].token_subject = samples[0].token_subject[:3]  # sample 0 has no subjects anyway
     batch = collate_features(samples, max_text_len=MAX_LEN)
     longest = max(s.num_tokens for s in samples)
     assert batch["token_states"].shape == (6, longest, DIM) and batch["token_states"].dtype == torch.float32
@@ -160,8 +166,8 @@ def test_collate_pads_to_longest_in_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(batch["token_states"][b, : s.num_tokens], s.token_states)
         assert not batch["token_states"][b, s.num_tokens :].any()
         torch.testing.assert_close(batch["subject_embeds"][b, : s.num_subjects], s.subject_embeds)
-        assert batch["subject_spans"][b, : s.num_subjects].tolist() == s.subject_spans.tolist()
-        assert not batch["subject_spans"][b, s.num_subjects :].any()  # padding: the empty span [0, 0)
+        assert batch["token_subject"][b, : s.num_tokens].tolist() == s.token_subject.tolist()
+        assert (batch["token_subject"][b, s.num_tokens :] == -1).all()  # padding binds nothing
         torch.testing.assert_close(batch["target"][b], s.target)
         if s.edge is None:
             assert not batch["edge"][b].any()
@@ -325,8 +331,10 @@ def test_synthetic_store_is_valid_and_bound_to_words(tmp_path: Path) -> None:
         s = dataset[i]
         words = ["<bos>"] + s.caption.split() + ["<eos>"]
         assert len(words) == s.num_tokens
-        for a, b in s.subject_spans.tolist():
-            assert " ".join(words[a:b]) in SUBJECT_NOUNS  # the span covers exactly a subject noun
+        owned = s.token_subject.tolist()
+        assert set(owned) - {-1} == set(range(s.num_subjects))  # every subject owns tokens
+        for k in range(s.num_subjects):  # and they are exactly a subject noun
+            assert " ".join(w for w, o in zip(words, owned) if o == k) in SUBJECT_NOUNS
 
 
 def _ridge_cosine(x_train, y_train, x_test, y_test, alpha: float = 1e-2) -> float:

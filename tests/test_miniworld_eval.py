@@ -10,7 +10,6 @@ from PIL import Image
 from tiny import DIM, tiny_pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from lambda_eclipse.errors import UserError
 from lambda_eclipse.miniworld.evaluate import (
     BUCKETS,
     CONDITIONS,

@@ -79,7 +79,7 @@ class FeatureWriter:
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
         # A crash can leave temp files behind; they were never committed, so they are garbage.
-        for stale in self.directory.glob(".tmp-*"):  # atomic_write's temporaries
+        for stale in [*self.directory.glob(".tmp-*"), *self.directory.glob("*.tmp")]:  # atomic_write's, older ones'
             stale.unlink()
         if (self.directory / INDEX_NAME).exists():
             index = read_index(self.directory)
