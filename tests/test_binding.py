@@ -67,3 +67,33 @@ def test_dropping_a_subject_unbinds_all_its_occurrences(tiny_pipe, tmp_path):
     dropped = interleaved_prior_inputs(batch, torch.zeros(32), torch.Generator().manual_seed(0), subject_drop_prob=1.0)
     assert not torch.equal(kept["encoder_hidden_states"], batch["token_states"])
     assert torch.equal(dropped["encoder_hidden_states"], batch["token_states"])  # every occurrence stays text
+
+
+def test_subject_drop_is_per_subject_and_keeps_the_draw_order():
+    # Two samples whose subjects each own two separate tokens (a repeated word); B=2, L=8, S=3, D=4.
+    token_subject = torch.tensor([[-1, 0, -1, 1, 0, 2, 1, -1], [-1, 1, 0, -1, 1, 0, -1, -1]])
+    states = torch.randn(2, 8, 4)
+    batch = dict(
+        token_states=states, attention_mask=torch.ones(2, 8, dtype=torch.bool), token_subject=token_subject,
+        pooled_text=torch.randn(2, 4), subject_embeds=torch.randn(2, 3, 4) + 10,  # far from every text state
+        subject_mask=torch.tensor([[True, True, True], [True, True, False]]), edge=torch.randn(2, 4),
+        has_edge=torch.tensor([True, True]),
+    )
+    patterns = set()
+    for seed in range(16):
+        out = interleaved_prior_inputs(batch, torch.zeros(4), torch.Generator().manual_seed(seed), 0.5, 0.5)
+        # The same draws, in the documented order: noise, keep_subject, keep_edge.
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(2, 4, generator=g)
+        keep, keep_edge = torch.rand(2, 3, generator=g) >= 0.5, torch.rand(2, generator=g) >= 0.5
+        assert torch.equal(out["hidden_states"], noise)
+        assert torch.equal(out["control_embedding"], torch.where(keep_edge[:, None], batch["edge"], torch.zeros(4)))
+        bound = (out["encoder_hidden_states"] != states).any(-1)  # (B, L)
+        for b in range(2):
+            for s in range(3):
+                owned = token_subject[b] == s
+                if owned.any():  # every occurrence of a subject is bound together, or none is
+                    assert bound[b][owned].tolist() == [bool(keep[b, s])] * int(owned.sum())
+        assert not bound[token_subject < 0].any()
+        patterns.add(tuple(keep[0].tolist()))
+    assert len(patterns) > 2  # the seeds exercised kept, dropped and mixed subjects

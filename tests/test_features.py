@@ -27,6 +27,7 @@ from lambda_eclipse.features import (
     synthesize_features,
     validate_feature_store,
 )
+from lambda_eclipse.features.schema import token_subject_problem
 from lambda_eclipse.features.synth import SUBJECT_NOUNS
 
 DIM, MAX_LEN = 16, 12
@@ -316,6 +317,57 @@ def test_user_errors_for_missing_store(tmp_path: Path) -> None:
         validate_feature_store(tmp_path / "nowhere")
     with pytest.raises(UserError, match="index.json"):
         validate_feature_store(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "version, message",
+    [(1, "uses schema version 1 (one span per subject); rebuild it with this version of lambda-eclipse"),
+     (3, "uses schema version 3, newer than this lambda-eclipse reads (2); upgrade lambda-eclipse")],
+)
+def test_other_schema_versions_are_refused_in_one_line(tmp_path: Path, version: int, message: str) -> None:
+    root = tmp_path / "s"
+    write_store(root, 4)
+    index = json.loads((root / "index.json").read_text())
+    index["version"] = version
+    (root / "index.json").write_text(json.dumps(index))
+    for open_store in (read_index, FeatureDataset, validate_feature_store, lambda d: FeatureStream(d, batch_size=2)):
+        with pytest.raises(UserError) as err:
+            open_store(root)
+        assert str(err.value) == f"feature store {str(root)!r} {message}"  # one line, naming the store
+    with pytest.raises(UserError, match=f"schema version {version}"):
+        FeatureWriter(root, dim=DIM, max_text_len=MAX_LEN, append=True)  # nor appended to
+
+
+def test_token_subject_problems_name_the_sample() -> None:
+    # three samples back to back: 3, 4 and 2 tokens; 0, 2 and 1 subjects
+    tokens, subjects = torch.tensor([3, 4, 2]), torch.tensor([0, 2, 1])
+    good = torch.tensor([-1, -1, -1, -1, 0, 1, 0, -1, 0])
+    assert token_subject_problem(good, tokens, subjects) is None
+    out_of_range = good.clone()
+    out_of_range[1] = 0  # sample 0 has no subjects
+    assert token_subject_problem(out_of_range, tokens, subjects) == (
+        "token_subject holds 0 at token 1 of sample 0; it must be -1 (no subjects)")
+    unowned = good.clone()
+    unowned[5] = 0  # subject 1 of sample 1 loses its only token
+    assert token_subject_problem(unowned, tokens, subjects) == (
+        "subject 1 of sample 1 owns no token in token_subject; bind it to its word")
+    foreign = good.clone()
+    foreign[8] = 1  # sample 2 has one subject: 1 would point at another sample's subject row
+    assert "at token 1 of sample 2" in token_subject_problem(foreign, tokens, subjects)
+
+
+def test_validate_finds_a_bad_subject_index(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    write_store(root, 14, shard_size=7)
+    shard = root / "shard-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    at = _tensor_offset(shard, "token_subject")
+    raw[at] = 100  # int8 owner of the first token (BOS of sample 0): a subject that does not exist
+    shard.write_bytes(bytes(raw))
+    report = validate_feature_store(root)
+    assert [p.file for p in report.bad_shards] == [shard.name]
+    assert "token_subject holds 100 at token 0 of sample 0" in report.bad_shards[0].reason
+    assert report.num_samples == 7
 
 
 # ------------------------------------------------------------------------------------------------ synthetic

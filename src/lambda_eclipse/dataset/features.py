@@ -80,7 +80,9 @@ def encode_records(encoders: ClipEncoders, records: Sequence[CaptionedImage]) ->
     return samples
 
 
-def encode_stream(encoders: ClipEncoders, records: Iterable[CaptionedImage], batch_size: int = 256) -> Iterator[FeatureSample]:
+def encode_stream(
+    encoders: ClipEncoders, records: Iterable[CaptionedImage], batch_size: int = 256
+) -> Iterator[FeatureSample]:
     """Encode records in batches, yielding samples in order."""
     batch: list[CaptionedImage] = []
     for record in records:

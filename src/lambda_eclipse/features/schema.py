@@ -38,8 +38,8 @@ once ("a dog next to a cat, the dog sits"), and inference binds every occurrence
 (:func:`lambda_eclipse.conditioning.subject_token_index`); the store keeps exactly that index, so training binds
 the same tokens. int8 holds up to 127 subjects per sample and costs 1 byte per token next to the 2·D of its state.
 
-Schema versions: 2 stores ``token_subject``; 1 stored one ``subject_spans`` row per subject (the first occurrence
-only) and is refused with a request to rebuild.
+Schema versions: 2 stores ``token_subject``; 1 stored one [start, end) span per subject (the first occurrence only)
+and is refused with a request to rebuild.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def interleaved_prior_inputs(
         hidden_states (B, D) noise, proj_embedding, encoder_hidden_states, attention_mask, control_embedding.
     """
     states = batch["token_states"]
-    b, length, dim = states.shape
+    b, _, dim = states.shape
     device = states.device
     subject_mask = batch["subject_mask"].bool()
     # Draw every random number on the CPU generator, always in the same order, so runs repeat on any device.
