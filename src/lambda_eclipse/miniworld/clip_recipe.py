@@ -36,8 +36,8 @@ from .data import (
 from ..atomic import atomic_dir, atomic_write
 from ..losses import clip_loss
 from ..train.checkpoint import RunState
-from ..train.config import OptimConfig
 from ..train.core import LoopSettings, require_same, run_training
+from .recipe import recipe_settings
 from .vocab import SHAPES, miniworld_tokenizer
 
 POSITION_GRID = 4  # cells per side of the position head's grid
@@ -198,11 +198,8 @@ class ClipObjective:
 
 def clip_loop_settings(recipe: ClipRecipe, work_dir: Path, seed: int) -> LoopSettings:
     """The training core's settings of the CLIP recipe: AdamW, warm-up then cosine to 10% of the peak."""
-    optim = OptimConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup,
-                        schedule="cosine", min_lr_ratio=0.1, max_grad_norm=1.0)
-    return LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
-                        keep_checkpoints=1, log_every=50, seed=seed, mixed_precision="bf16" if recipe.bf16 else "no",
-                        name="clip")
+    return recipe_settings("clip", work_dir, recipe.steps, seed, recipe.lr, recipe.warmup, recipe.weight_decay,
+                           mixed_precision="bf16" if recipe.bf16 else "no")
 
 
 def train_clip(

@@ -18,9 +18,9 @@ from diffusers.models.attention_processor import SpatialNorm
 
 from ..atomic import atomic_dir, atomic_write
 from ..train.checkpoint import RunState
-from ..train.config import OptimConfig
-from ..train.core import LoopSettings, require_same, run_training
+from ..train.core import require_same, run_training
 from .data import ScenePool, unit_pixels
+from .recipe import recipe_settings
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,7 @@ def train_movq(
 
     ``stop_after`` ends the run early after that many steps, with a checkpoint (what a kill leaves behind).
     """
-    optim = OptimConfig(lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup, schedule="cosine",
-                        min_lr_ratio=0.1, max_grad_norm=1.0)
-    settings = LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
-                            keep_checkpoints=1, seed=seed, name="movq")
+    settings = recipe_settings("movq", work_dir, recipe.steps, seed, recipe.lr, recipe.warmup)
     return run_training(MoVQObjective(pool, recipe), settings, stop_after).model.eval()
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path, atomic_write
 from ..train.checkpoint import RunState
-from ..train.config import OptimConfig
-from ..train.core import LoopSettings, require_same, run_training
+from ..train.core import require_same, run_training
 from .oracle import BG_COLOUR_NAMES, COLOUR_NAMES, CONFIG, WEIGHTS, K, Oracle, OracleNet, oracle_accuracy
+from .recipe import recipe_settings
 from .scenes import Scene, render_scene, scene_seed
 from .vocab import BG_KINDS, SHAPES, SIZES, TEXTURES
 
@@ -193,11 +193,9 @@ def train_oracle(
     prep_s = time.monotonic() - start
     run_config = {"size": size, "steps": steps, "batch": batch, "seed": seed, "scenes": scenes, "width": width,
                   "lr": lr, "reserved_share": reserved_share, "movq": None if movq_dir is None else str(movq_dir)}
-    optim = OptimConfig(lr=lr, weight_decay=1e-4, warmup_steps=min(100, steps // 10 + 1), schedule="cosine",
-                        min_lr_ratio=0.1, max_grad_norm=0.0)
-    settings = LoopSettings(output_dir=str(work_dir or out.with_name(f"{out.name}-run")), max_steps=steps,
-                            optim=optim, checkpoint_every=checkpoint_every, keep_checkpoints=1, seed=seed,
-                            name="oracle")
+    settings = recipe_settings("oracle", work_dir or out.with_name(f"{out.name}-run"), steps, seed, lr,
+                               warmup=min(100, steps // 10 + 1), weight_decay=1e-4, max_grad_norm=0.0,
+                               checkpoint_every=checkpoint_every)
     run = run_training(OracleObjective(t, recon, batch, width, run_config), settings, stop_after)
     if not run.complete:
         return out

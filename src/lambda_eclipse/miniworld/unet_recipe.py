@@ -17,10 +17,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from transformers import CLIPVisionModelWithProjection
 
 from ..atomic import atomic_path, atomic_write
-from ..train.config import OptimConfig
-from ..train.core import LoopSettings, run_training
+from ..train.core import run_training
 from ..train.decoder import DecoderObjective, DecoderObjectiveConfig
 from .data import ScenePool, clip_pixels, unit_pixels
+from .recipe import recipe_settings
 
 KANDINSKY22_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -120,10 +120,8 @@ def train_unet(
                                       snr_gamma=recipe.snr_gamma),
         export_to=export_to or work_dir, settings={**asdict(recipe), "shape": list(shape)},
     )
-    optim = OptimConfig(lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup, schedule="cosine",
-                        min_lr_ratio=0.1, max_grad_norm=1.0, ema_decay=recipe.ema_decay)
-    settings = LoopSettings(output_dir=str(work_dir), max_steps=recipe.steps, optim=optim, checkpoint_every=500,
-                            keep_checkpoints=1, seed=seed, name="unet")
+    settings = recipe_settings("unet", work_dir, recipe.steps, seed, recipe.lr, recipe.warmup,
+                               ema_decay=recipe.ema_decay)
     return run_training(objective, settings, stop_after).model.eval()
 
 
