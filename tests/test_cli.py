@@ -54,7 +54,8 @@ def test_generate_writes_pngs_with_metadata(model_dir, dog_png, tmp_path, capsys
     assert cli("generate", "a Dog on the beach", "--subject", f"dog={dog_png}", "-n", 2, "--seed", 7, "--steps", 2,
                "--model", model_dir, "--out", out, "--quiet", "--height", 24, "--width", 16, "--scheduler", "ddim") == 0
     files = sorted(out.glob("*.png"))
-    assert [f.name for f in files] == ["a-dog-on-the-beach-seed7.png", "a-dog-on-the-beach-seed8.png"]
+    assert len(files) == 2 and [f.name[-10:] for f in files] == ["-seed7.png", "-seed8.png"]
+    assert all(f.name.startswith("a-dog-on-the-beach-") for f in files)
     image = Image.open(files[0])
     assert image.size == (16, 24)
     assert image.text["prompt"] == "a Dog on the beach" and image.text["seed"] == "7"
@@ -68,13 +69,36 @@ def test_generate_writes_pngs_with_metadata(model_dir, dog_png, tmp_path, capsys
     cli("generate", "a Dog on the beach", "--subject", f"dog={emb}", "--seed", 8, "--steps", 2, "--model", model_dir,
         "--out", again, "--quiet", "--height", 24, "--width", 16, "--scheduler", "ddim")
     a = np.asarray(Image.open(files[1]), dtype=int)
-    b = np.asarray(Image.open(again / "a-dog-on-the-beach-seed8.png"), dtype=int)
+    (regenerated,) = again.glob("*-seed8.png")
+    b = np.asarray(Image.open(regenerated), dtype=int)
     assert np.abs(a - b).max() <= 1
 
 
 def test_text_only_generation(model_dir, tmp_path):
     assert cli("generate", "a cat", "--steps", 1, "--model", model_dir, "--out", tmp_path / "o", "--quiet") == 0
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_generate_never_overwrites(model_dir, tmp_path):
+    """Prompts sharing a long prefix, prompts without ASCII letters, and the same request twice: all kept."""
+    out = tmp_path / "o"
+    prefix = "a photo of a very small cat sitting quietly on the old wooden"
+    for prompt in [prefix + " chair", prefix + " table", "猫", "犬", "猫"]:
+        assert cli("generate", prompt, "--steps", 1, "--model", model_dir, "--out", out, "--quiet",
+                   "--height", 16, "--width", 16) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 5 and len({f.name for f in files}) == 5
+    assert sorted(Image.open(f).text["prompt"] for f in files) == sorted([prefix + " chair", prefix + " table", "猫", "犬", "猫"])
+
+
+def test_write_new_file_claims_a_free_name(tmp_path):
+    from lambda_eclipse.atomic import write_new_file
+
+    first = write_new_file(tmp_path / "a.txt", lambda t: t.write_text("one"))
+    second = write_new_file(tmp_path / "a.txt", lambda t: t.write_text("two"))
+    assert (first.name, second.name) == ("a.txt", "a-1.txt")
+    assert (first.read_text(), second.read_text()) == ("one", "two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-1.txt", "a.txt"]
 
 
 def bad_files(tmp_path):
@@ -174,7 +198,7 @@ def test_generate_is_a_function_that_decodes_each_image_once(model_dir, dog_png,
     monkeypatch.setattr(Image, "open", counting_open)
     written = generate(GenerateArgs("a dog on the beach", subjects={"dog": str(dog_png)}, edge=str(edge), num_images=2,
                                     steps=1, model=str(model_dir), out=str(tmp_path / "o"), progress=False))
-    assert written == [tmp_path / "o" / f"a-dog-on-the-beach-seed{i}.png" for i in (0, 1)]
+    assert [p.parent for p in written] == [tmp_path / "o"] * 2 and [p.name[-10:] for p in written] == ["-seed0.png", "-seed1.png"]
     assert all(path.is_file() for path in written)
     # checked and decoded once by the CLI; the pipeline gets the PIL images, not the paths
     assert sorted(opened) == sorted([str(dog_png), str(edge)])
@@ -248,6 +272,6 @@ def test_miniworld_eval_flags_reach_the_evaluation(monkeypatch, tmp_path, capsys
 
 
 def test_writes_go_through_the_atomic_helper():
-    for name in ("cli.py", "pipeline.py"):
+    for name, helper in (("cli.py", "save_png"), ("pipeline.py", "atomic_path"), ("outputs.py", "write_new_file")):
         source = (PACKAGE / name).read_text()
-        assert "os.replace" not in source and "atomic_path" in source, name
+        assert "os.replace" not in source and helper in source, name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +57,31 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
                 handle.flush()
                 os.fsync(handle.fileno())
     return Path(path)
+
+
+def write_new_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file that never replaces another: ``write(temporary)`` fills a temporary beside ``path``, which is
+    then claimed under ``path``, or ``<stem>-1<suffix>``, ``<stem>-2<suffix>``... if that name is taken.
+
+    The claim is a hard link, which fails if the name exists, so two writers (two processes, two ranks) never
+    overwrite each other, and a reader sees a complete file or none. Returns the name the file got.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_beside(final, "tmp")
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)
+        for counter in range(100_000):
+            candidate = final if counter == 0 else final.with_name(f"{final.stem}-{counter}{final.suffix}")
+            try:
+                os.link(temporary, candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free name for {final} after 100000 tries")
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def publish_dir(source: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,9 +155,8 @@ def generate(args: GenerateArgs) -> list[Path]:
     """Generate images and save them as PNGs with prompt, subjects, seed and settings in their text metadata."""
     subjects, edge = _check_generate_args(args)
     import torch
-    from PIL.PngImagePlugin import PngInfo
 
-    from .atomic import atomic_path
+    from .outputs import image_stem, save_png
 
     model = args.model or default_model()
     pipe = load_pipeline(model, args.device, args.dtype, args.low_memory)
@@ -170,19 +169,13 @@ def generate(args: GenerateArgs) -> list[Path]:
     )
     pipe.check_inputs(args.prompt, **call, names=_FLAG_NAMES)  # this model's checks (size step, prior kind), in flags
     images = pipe(args.prompt, **call).images
-    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:48] or "image"
     settings = {"model": model, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or "default",
                 "height": images[0].height, "width": images[0].width, "edge": args.edge}
+    request = {"subjects": args.subjects, **settings}
     written = []
     for seed, image in zip(seeds, images):
-        info = PngInfo()
-        info.add_text("prompt", args.prompt)
-        info.add_text("subjects", json.dumps(args.subjects))
-        info.add_text("seed", str(seed))
-        info.add_text("settings", json.dumps(settings))
-        path = Path(args.out) / f"{slug}-seed{seed}.png"
-        with atomic_path(path) as temporary:
-            image.save(temporary, format="PNG", pnginfo=info)
+        metadata = {"prompt": args.prompt, "subjects": args.subjects, "seed": str(seed), "settings": settings}
+        path = save_png(image, args.out, image_stem(args.prompt, request, seed), metadata)
         written.append(path)
     return written
 
