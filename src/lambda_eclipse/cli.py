@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 if TYPE_CHECKING:  # annotations only: PIL is not imported at parse time
     from PIL.Image import Image
@@ -53,6 +53,24 @@ def default_model() -> str:
     return DEFAULT_PRIOR
 
 
+def resolve_model(model: str | None) -> str:
+    """``--model`` or :func:`default_model`; an implicit fallback to the Hub stack (a wheel without the bundled
+    model) is taken only when that stack is already in the local Hugging Face cache: never a silent multi-GB
+    download, nor 30 s of retries offline ending in a misleading error."""
+    if model:
+        return model
+    chosen = default_model()
+    from .hub import DEFAULT_PRIOR
+
+    if chosen == DEFAULT_PRIOR and not os.environ.get("LAMBDA_ECLIPSE_MODEL"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(DEFAULT_PRIOR, "config.json"), str):
+            raise UserError(f"this install has no bundled model ({BUNDLED_MODEL} is missing) and the Hub stack is not "
+                            f"downloaded; pass --model FOLDER, or --model {DEFAULT_PRIOR} to download it (several GB)")
+    return chosen
+
+
 def parse_subject(spec: str) -> tuple[str, str]:
     """'WORD=PATH' -> (word, path)."""
     word, sep, path = spec.partition("=")
@@ -77,11 +95,13 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors."""
     import torch
 
+    from .checks import resolve_device
     from .pipeline import LambdaEclipsePipeline
 
     dtypes = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    resolved = resolve_device(device)  # before loading: a missing GPU is a one-line error, not a late traceback
     kwargs = {"torch_dtype": dtypes[dtype]} if dtype else {}
     import diffusers
     import transformers
@@ -96,11 +116,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     except (OSError, ValueError, KeyError, ImportError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load model {model!r} ({first}); give a local model folder or a Hub id you can reach") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if low_memory and device != "cpu":
-        pipe.enable_model_cpu_offload(device=device)
+    if low_memory and resolved.type != "cpu":
+        pipe.enable_model_cpu_offload(device=resolved)
     else:
-        pipe.to(device)
+        # float16 does run on today's CPUs; diffusers' "will fail" warning for it is out of date
+        pipe.to(resolved, silence_dtype_warnings=True)
     return pipe
 
 
@@ -125,6 +145,7 @@ class GenerateArgs:
     dtype: str | None = None
     low_memory: bool = False
     progress: bool = True
+    batch_size: int = 4  # images per pipeline call; each batch is written as soon as it is made
 
 
 def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Image | None]:
@@ -134,9 +155,11 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
     from .encoders import load_image
     from .pipeline import check_inputs
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {args.out!r} is a file; give a folder for --out")
+    from .checks import check_output_path
+
+    check_output_path(args.out, "folder", "--out")
+    if isinstance(args.batch_size, bool) or not isinstance(args.batch_size, int) or args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive whole number, got {args.batch_size!r}")
     check_inputs(args.prompt, args.subjects, args.edge, args.num_images, args.steps, args.guidance, args.height,
                  args.width, args.scheduler, names=_FLAG_NAMES)
     subjects: dict[str, Image | str] = {}
@@ -151,32 +174,49 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
     return subjects, edge
 
 
-def generate(args: GenerateArgs) -> list[Path]:
-    """Generate images and save them as PNGs with prompt, subjects, seed and settings in their text metadata."""
+def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
+    """Generate images and save them as PNGs with prompt, subjects, seed and settings in their text metadata.
+
+    Images are made ``args.batch_size`` at a time and each batch is written before the next starts (``on_saved``
+    is called with each path as it is written), so a long run keeps what it made if stopped. Image *i* has its own
+    generator seeded ``args.seed + i``, so the images do not depend on the batch size.
+    """
     subjects, edge = _check_generate_args(args)
     import torch
 
     from .outputs import image_stem, save_png
 
-    model = args.model or default_model()
+    model = resolve_model(args.model)
     pipe = load_pipeline(model, args.device, args.dtype, args.low_memory)
-    pipe.set_progress_bar_config(disable=not args.progress)
     seeds = [args.seed + i for i in range(args.num_images)]
-    call = dict(
-        subjects=subjects or None, edge_image=edge, num_images_per_prompt=args.num_images,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-        scheduler=args.scheduler, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-    )
-    pipe.check_inputs(args.prompt, **call, names=_FLAG_NAMES)  # this model's checks (size step, prior kind), in flags
-    images = pipe(args.prompt, **call).images
-    settings = {"model": model, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or "default",
-                "height": images[0].height, "width": images[0].width, "edge": args.edge}
-    request = {"subjects": args.subjects, **settings}
+    batches = [seeds[i : i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
+
+    def call(batch: list[int]) -> dict:
+        return dict(subjects=subjects or None, edge_image=edge, num_images_per_prompt=len(batch),
+                    num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                    width=args.width, scheduler=args.scheduler,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in batch])
+
+    pipe.check_inputs(args.prompt, **call(batches[0]), names=_FLAG_NAMES)  # this model's checks, in flags
+    from tqdm.auto import tqdm
+
+    overall = tqdm(total=len(seeds), desc="images", unit="img", disable=not args.progress or len(batches) == 1)
+    pipe.set_progress_bar_config(disable=not args.progress, leave=len(batches) == 1)
     written = []
-    for seed, image in zip(seeds, images):
-        metadata = {"prompt": args.prompt, "subjects": args.subjects, "seed": str(seed), "settings": settings}
-        path = save_png(image, args.out, image_stem(args.prompt, request, seed), metadata)
-        written.append(path)
+    for batch in batches:
+        images = pipe(args.prompt, **call(batch)).images
+        settings = {"model": model, "steps": args.steps, "guidance": args.guidance,
+                    "scheduler": args.scheduler or "default", "height": images[0].height, "width": images[0].width,
+                    "edge": args.edge}
+        request = {"subjects": args.subjects, **settings}
+        for seed, image in zip(batch, images):
+            metadata = {"prompt": args.prompt, "subjects": args.subjects, "seed": str(seed), "settings": settings}
+            path = save_png(image, args.out, image_stem(args.prompt, request, seed), metadata)
+            written.append(path)
+            if on_saved is not None:
+                on_saved(path)
+        overall.update(len(batch))
+    overall.close()
     return written
 
 
@@ -185,12 +225,12 @@ def encode_subject(spec: str, out: str, model: str | None = None, device: str | 
     word, path = parse_subject(spec)
     if not out.endswith(".safetensors"):
         raise UserError(f"--out {out!r} must end in .safetensors")
-    if Path(out).is_dir():
-        raise UserError(f"--out {out!r} is a folder; give a file name ending in .safetensors")
+    from .checks import check_output_path
     from .encoders import load_image
 
+    check_output_path(out, "file", "--out")
     image = load_image(path, what=f"subject {word!r} image")
-    pipe = load_pipeline(model or default_model(), device)
+    pipe = load_pipeline(resolve_model(model), device)
     pipe.save_subject_embedding(word, image, out)
     return Path(out)
 
@@ -202,13 +242,16 @@ def train_prior(config: str | None = None, output_dir: str | None = None, max_st
     from .train import load_config
     from .train import train_prior as run_training
 
+    from .checks import check_output_path
+
     resolved = load_config(config, overrides or [], output_dir=output_dir, max_steps=max_steps,
                            checkpoint_every=checkpoint_every)
+    check_output_path(resolved.output_dir, "folder", "--output-dir")
     return run_training(resolved) / "prior"
 
 
 def features_validate(directory: str):
-    """Validate a feature store; returns its report (``report.problems`` lists corrupt or truncated shards)."""
+    """Validate a feature store; returns its report (``report.ok``; ``report.bad_shards`` lists damaged shards)."""
     from .features import validate_feature_store
 
     return validate_feature_store(directory)
@@ -216,8 +259,10 @@ def features_validate(directory: str):
 
 def features_synth(out: str, num_samples: int = 4096, dim: int = 64, max_text_len: int = 32, seed: int = 0) -> Path:
     """Write a synthetic feature store with learnable structure."""
+    from .checks import check_output_path
     from .features import synthesize_features
 
+    check_output_path(out, "folder", "--out")
     synthesize_features(out, num_samples=num_samples, dim=dim, max_text_len=max_text_len, seed=seed)
     return Path(out)
 
@@ -227,8 +272,12 @@ def miniworld_build(out: str = "runs/miniworld", install: str | None = None, smo
     """Train the whole miniature family (resumes when rerun); ``install`` also writes the finished bundle there."""
     from dataclasses import replace
 
+    from .checks import check_output_path
     from .miniworld.bundle import MiniworldBuild, build_miniworld
 
+    check_output_path(out, "folder", "--out")
+    if install is not None:
+        check_output_path(install, "folder", "--install")
     plan = MiniworldBuild.smoke() if smoke else MiniworldBuild()
     return build_miniworld(out, replace(plan, threads=threads), install=install)
 
@@ -238,8 +287,10 @@ def miniworld_eval(out: str, model: str | None = None, oracle: str | None = None
                    threads: int = 1, priors: dict[str, str] | None = None) -> dict:
     """Score a model on held-out miniworld prompts (default: the bundled model and oracle); returns the metrics
     and writes ``out/metrics.json``, ``metrics.md`` and ``grid.png``."""
+    from .checks import check_output_path
     from .miniworld.evaluate import EvalConfig, run_miniworld_eval
 
+    check_output_path(out, "folder", "--out")
     cfg = EvalConfig(images_per_prompt=images_per_prompt, num_inference_steps=steps, guidance_scale=guidance,
                      threads=threads)
     return run_miniworld_eval(model or str(BUNDLED_MODEL), oracle or str(BUNDLED_ORACLE), out, num_prompts, seed,
@@ -289,10 +340,9 @@ def _generate_command(ns: argparse.Namespace) -> None:
         prompt=ns.prompt, subjects=parse_subjects(ns.subject), edge=ns.edge, num_images=ns.n, seed=ns.seed,
         steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, height=ns.height, width=ns.width,
         model=ns.model, out=ns.out, device=ns.device, dtype=ns.dtype, low_memory=ns.low_memory,
-        progress=not ns.quiet,
+        progress=not ns.quiet, batch_size=ns.batch_size,
     )
-    for path in generate(args):
-        print(path)
+    generate(args, on_saved=lambda path: print(path, flush=True))  # each path as soon as its file is complete
 
 
 def _train_prior_command(ns: argparse.Namespace) -> None:
@@ -309,8 +359,10 @@ def _features_validate_command(ns: argparse.Namespace) -> None:
 
     report = features_validate(ns.directory)
     print(format_report(report))
-    if report.problems:
-        raise UserError(f"{len(report.problems)} corrupt or truncated shard(s) in {ns.directory}; rebuild or remove them")
+    if report.bad_shards:
+        raise UserError(f"{len(report.bad_shards)} bad shard(s) in {ns.directory} (listed above); rebuild or remove them")
+    if not report.ok:
+        raise UserError(f"{ns.directory}: zero-image embedding {report.zero_image_problem}; rebuild the store")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bind WORD of the prompt to the subject in image PATH (or a .safetensors from encode-subject)")
     gen.add_argument("--edge", metavar="PATH", help="condition on the Canny edges of this image")
     gen.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument("--batch-size", type=int, default=4, help="images per batch; each batch is written as it is "
+                                                                "made (default 4)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
     gen.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
     gen.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (default 7.5)")
@@ -395,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.func(ns)
     except UserError as error:
-        print(f"lambda-eclipse: error: {error}", file=sys.stderr)
+        print(f"lambda-eclipse: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lambda-eclipse: interrupted", file=sys.stderr)

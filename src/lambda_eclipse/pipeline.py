@@ -22,10 +22,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .atomic import atomic_path
+from .checks import check_weights_finite, require_finite
 from .conditioning import _word_pattern, interleave_prompts, normalize_subject_word
 from .decoding import SCHEDULERS, decode_image_embeds, decoder_scheduler
 from .encoders import ImageInput, edge_embedding, encode_images, load_image, zero_image_embedding
-from .errors import UserError
+from .errors import UserError, UserTypeError
 from .hub import DEFAULT_DECODER, DEFAULT_ENCODERS, DEFAULT_PRIOR, PRIOR_ONLY_REPOS, TEXT_ONLY_PRIOR  # noqa: F401
 from .prior import LambdaEclipsePrior
 
@@ -106,23 +107,23 @@ def check_inputs(
     elif isinstance(prompt, (list, tuple)):
         prompts = list(prompt)
     else:
-        raise UserError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        raise UserTypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     if not prompts:
         raise UserError("no prompt given; pass a text prompt")
     for text in prompts:
         if not isinstance(text, str):
-            raise UserError(f"every prompt must be a string, got {type(text).__name__}; pass text prompts")
+            raise UserTypeError(f"every prompt must be a string, got {type(text).__name__}; pass text prompts")
         if not text.strip():
             raise UserError("the prompt is empty; give a text prompt such as 'a dog on the beach'")
 
     # subjects and the edge map
     if subjects is not None and not isinstance(subjects, Mapping):
-        raise UserError(f"subjects must map a subject word to its image, e.g. {{'dog': 'dog.png'}}, got "
+        raise UserTypeError(f"subjects must map a subject word to its image, e.g. {{'dog': 'dog.png'}}, got "
                         f"{type(subjects).__name__}")
     seen: set[str] = set()
     for word, subject in (subjects or {}).items():
         if not isinstance(word, str):
-            raise UserError(f"subject word {word!r} must be a string; use a word of the prompt")
+            raise UserTypeError(f"subject word {word!r} must be a string; use a word of the prompt")
         key = normalize_subject_word(word)
         if not key:
             raise UserError(f"subject word {word!r} is empty; use WORD=IMAGE with a word from the prompt")
@@ -130,31 +131,35 @@ def check_inputs(
             raise UserError(f"subject word {key!r} is given twice; give each subject word once")
         seen.add(key)
         if not isinstance(subject, (str, os.PathLike, Image.Image, torch.Tensor)):
-            raise UserError(f"subject {word!r} is a {type(subject).__name__}; give an image path, a PIL image, a "
-                            ".safetensors embedding or a (D,) tensor")
+            raise UserTypeError(f"subject {word!r} is a {type(subject).__name__}; give an image path, a PIL image, a "
+                                ".safetensors embedding or a (D,) tensor")
+        _check_not_empty(subject, f"subject {word!r} image")
         # Checked here too (the binding checks it again on tokens) so the CLI fails before loading a model.
         for text in prompts:
             if not _word_pattern(key).search(text.lower()):
                 raise UserError(f"subject word {key!r} does not occur in the prompt {text!r}; use a word of the prompt")
     if edge_image is not None and not isinstance(edge_image, (str, os.PathLike, Image.Image)):
-        raise UserError(f"{name('edge_image')} is a {type(edge_image).__name__}; give an image path or a PIL image")
+        raise UserTypeError(f"{name('edge_image')} is a {type(edge_image).__name__}; give an image path or a PIL image")
+    _check_not_empty(edge_image, name("edge_image"))
 
     # numbers and names
     _check_positive_int(num_images_per_prompt, name("num_images_per_prompt"))
     _check_positive_int(num_inference_steps, name("num_inference_steps"))
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
         raise UserError(f"{name('guidance_scale')} must be a finite number, got {guidance_scale!r}")
+    if guidance_scale < 0:  # diffusers would silently treat it as "no guidance"
+        raise UserError(f"{name('guidance_scale')} must be 0 or more (1 or less turns guidance off), got {guidance_scale!r}")
     for key, value in (("height", height), ("width", width)):
         if value is not None:
             _check_positive_int(value, name(key), what="a positive whole number of px")
     if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if output_type not in OUTPUT_TYPES:
+    if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
         raise UserError(f"unknown output_type {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}")
     count = len(prompts) * num_images_per_prompt
     generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
     if any(not isinstance(g, torch.Generator) for g in generators):
-        raise UserError("generator must be a torch.Generator or a list of them, one per image")
+        raise UserTypeError("generator must be a torch.Generator or a list of them, one per image")
     if isinstance(generator, list) and len(generator) != count:
         raise UserError(f"{len(generator)} generators given for {count} images; give one per image or a single one")
 
@@ -177,9 +182,36 @@ def check_inputs(
             raise UserError(f"{name(key)} must be a positive multiple of {step} px for this decoder, got {value!r}")
 
 
+def _check_components(folder: Path) -> None:
+    """Name the component a saved pipeline folder lacks (diffusers would only say "no file named config.json")."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{str(folder)!r}: model_index.json cannot be read ({error}); re-save the model") from None
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        part = folder / name
+        if not part.is_dir() or not any(part.iterdir()):
+            raise UserError(f"model folder {str(folder)!r} lacks its {name!r} component ({name}/ is missing or "
+                            "empty); copy the whole folder or re-save it with save_pretrained")
+
+
 def _check_positive_int(value, name: str, what: str = "a positive whole number") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserTypeError(f"{name} must be {what}, got {value!r}")
+    if value <= 0:
         raise UserError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_not_empty(image, what: str) -> None:
+    """A PIL image or a tensor with no pixels/values would fail deep inside the encoder; refuse it here."""
+    if isinstance(image, Image.Image) and (image.width == 0 or image.height == 0):
+        raise UserError(f"{what} is empty ({image.width}x{image.height} px); give a picture")
+    if isinstance(image, torch.Tensor) and image.numel() == 0:
+        raise UserError(f"{what} is an empty tensor; give a (D,) embedding")
 
 
 class LambdaEclipsePipeline(DiffusionPipeline):
@@ -227,18 +259,27 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         composed with the encoders of ``encoders_repo`` (default kandinsky-2-2-prior) and the decoder of
         ``decoder_repo`` (default kandinsky-2-2-decoder).
         """
+        for key in ("trust_remote_code", "custom_pipeline", "custom_revision"):
+            if kwargs.pop(key, None):  # a model folder is data: never run code that ships with it
+                raise UserError(f"{key} is not supported: λ-ECLIPSE loads weights and configs only, never model code")
         path = Path(pretrained_model_name_or_path)
         local = path.is_dir()
         if local and (path / "model_index.json").is_file():
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if (local and (path / "config.json").is_file()) or str(pretrained_model_name_or_path) in PRIOR_ONLY_REPOS:
-            return cls.from_components(prior=str(pretrained_model_name_or_path), **kwargs)
-        if local or Path(os.path.expanduser(str(pretrained_model_name_or_path))).exists():
+            _check_components(path)
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        elif (local and (path / "config.json").is_file()) or str(pretrained_model_name_or_path) in PRIOR_ONLY_REPOS:
+            pipe = cls.from_components(prior=str(pretrained_model_name_or_path), **kwargs)
+        elif local or Path(os.path.expanduser(str(pretrained_model_name_or_path))).exists():
             raise UserError(
                 f"{str(pretrained_model_name_or_path)!r} is not a λ-ECLIPSE model folder (no model_index.json or "
                 "config.json); give a folder written by save_pretrained or a Hub id"
             )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        else:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for name, component in pipe.components.items():  # once at load: damaged bytes would make black images
+            if isinstance(component, torch.nn.Module):
+                check_weights_finite(component, f"the {name} of {str(pretrained_model_name_or_path)!r}")
+        return pipe
 
     @classmethod
     def from_components(
@@ -297,6 +338,7 @@ class LambdaEclipsePipeline(DiffusionPipeline):
                 f"subject {word!r} embedding has shape {tuple(embedding.shape)}, but this model uses "
                 f"({self.embedding_dim},); encode the subject with this model's image encoder"
             )
+        require_finite(embedding, f"subject {word!r} embedding", "re-create it with encode-subject")
         return embedding.to(self._execution_device, self.prior.dtype)
 
     def save_subject_embedding(self, word: str, subject: ImageInput, path: str | os.PathLike) -> torch.Tensor:

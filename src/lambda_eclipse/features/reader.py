@@ -18,7 +18,27 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from .block import FeatureBlock
+from ..checks import NonFiniteError, first_nonfinite
+from ..errors import UserError
 from .schema import SHARD_TENSORS, FeatureSample, StoreIndex, read_index
+
+
+def check_block_finite(block: FeatureBlock, where: str, first_row: int = 0) -> None:
+    """Raise :class:`NonFiniteError` naming ``where``, the tensor and the sample (``first_row`` + row in the block)
+    if any float part of ``block`` holds NaN or inf. One isfinite pass per part: cheap next to a training step."""
+    for name, offsets in (("pooled_text", None), ("target", None), ("token_states", block.token_offsets),
+                          ("subject_embeds", block.subject_offsets), ("edge", None)):
+        row = first_nonfinite(getattr(block, name))
+        if row is None:
+            continue
+        if name == "edge":
+            sample = int((block.edge_index == row).nonzero()[0, 0])
+        elif offsets is not None:
+            sample = int(torch.searchsorted(offsets, torch.tensor(row), right=True)) - 1
+        else:
+            sample = row
+        raise NonFiniteError(f"{where}: {name} of sample {first_row + sample} holds NaN or inf; rebuild the store "
+                             "or remove that shard (`lambda-eclipse features validate` lists every bad shard)")
 
 
 class ShardFiles:
@@ -43,16 +63,47 @@ class ShardFiles:
         if shard in self._open:
             self._open.move_to_end(shard)
         else:
-            handle = safe_open(str(self.directory / self.index.shards[shard].file), framework="pt")
-            self._open[shard] = {"_handle": handle, **{name: handle.get_slice(name) for name in SHARD_TENSORS}}
+            self._open[shard] = self._open_shard(shard)
             while len(self._open) > max(self.max_open, 1):
                 self._open.popitem(last=False)
         return self._open[shard]
 
+    def _open_shard(self, shard: int) -> dict[str, Any]:
+        """Open a shard, naming it in one line when it is missing, truncated or not a complete shard."""
+        info = self.index.shards[shard]
+        path = self.directory / info.file
+        fix = f"run `lambda-eclipse features validate {self.directory}` and rebuild or remove it"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise UserError(f"feature shard {str(path)!r} is missing; {fix}") from None
+        if size != info.nbytes:
+            raise UserError(f"feature shard {str(path)!r} is {size} bytes, the index says {info.nbytes} (truncated or "
+                            f"overwritten); {fix}")
+        try:
+            handle = safe_open(str(path), framework="pt")
+            return {"_handle": handle, **{name: handle.get_slice(name) for name in SHARD_TENSORS}}
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise UserError(f"feature shard {str(path)!r} cannot be read ({type(error).__name__}); {fix}") from None
+
     def read(self, shard: int, start: int = 0, end: int | None = None) -> FeatureBlock:
-        """Samples ``[start, end)`` of ``shard`` as one block (values stay in the stored fp16)."""
+        """Samples ``[start, end)`` of ``shard`` as one block (values stay in the stored fp16).
+
+        Raises:
+            UserError: the shard is missing or damaged; NonFiniteError: a value read is NaN or inf (naming the
+                shard, the tensor and the sample), so bad data stops training instead of making a NaN model.
+        """
         end = self.index.shards[shard].num_samples if end is None else end
-        return FeatureBlock.from_tensors(self.slices(shard), start, end)
+        try:
+            block = FeatureBlock.from_tensors(self.slices(shard), start, end)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - offsets that point past the data, undecodable captions
+            raise UserError(f"feature shard {str(self.directory / self.index.shards[shard].file)!r} is damaged "
+                            f"({type(error).__name__}: {error}); run `lambda-eclipse features validate "
+                            f"{self.directory}`") from None
+        check_block_finite(block, f"feature shard {str(self.directory / self.index.shards[shard].file)!r}", start)
+        return block
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": OrderedDict()}

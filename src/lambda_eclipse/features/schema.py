@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
+from ..checks import first_nonfinite
 from ..errors import UserError
 
 FORMAT_NAME = "lambda-eclipse-features"
@@ -201,7 +202,7 @@ def check_sample(sample: FeatureSample, dim: int, max_text_len: int) -> None:
             continue
         if not value.is_floating_point():
             raise ValueError(f"{where}: {name} must be floating point, got {value.dtype}")
-        if not bool(torch.isfinite(value).all()):
+        if first_nonfinite(value) is not None:
             raise ValueError(f"{where}: {name} has NaN or inf")
         if float(value.abs().max()) > FP16_MAX:
             raise ValueError(f"{where}: {name} exceeds the fp16 range (|x| > {FP16_MAX:g}); rescale before storing")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..checks import first_nonfinite
 from ..errors import UserError
 from .schema import (
     INDEX_NAME,
@@ -143,8 +144,9 @@ def _check_shard(path: Path, info: ShardInfo, index: StoreIndex) -> tuple[torch.
         for name in ("token_states", "pooled_text", "target", "subject_embeds", "edge"):
             view = f.get_slice(name)
             for a in range(0, view.get_shape()[0], _ROWS_PER_READ):
-                if not bool(torch.isfinite(view[a : a + _ROWS_PER_READ]).all()):
-                    raise ValueError(f"{name} holds NaN or inf")
+                row = first_nonfinite(view[a : a + _ROWS_PER_READ])
+                if row is not None:
+                    raise ValueError(f"{name} holds NaN or inf (row {a + row})")
     return tokens, subjects, info.num_edges
 
 
@@ -178,7 +180,7 @@ def validate_feature_store(directory: str | os.PathLike[str]) -> FeatureStoreRep
         token_total += int(tokens.sum())
         report.max_tokens = max(report.max_tokens, int(tokens.max()) if len(tokens) else 0)
     try:
-        if not bool(torch.isfinite(read_zero_image(root)).all()):
+        if first_nonfinite(read_zero_image(root).reshape(1, -1)) is not None:
             report.zero_image_problem = "holds NaN or inf"
     except UserError as err:
         report.zero_image_problem = str(err)

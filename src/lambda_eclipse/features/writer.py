@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..atomic import atomic_write
+from ..checks import first_nonfinite
 from ..errors import UserError
 from .block import pack_shard
 from .schema import (
@@ -100,7 +101,7 @@ class FeatureWriter:
         self._next_shard = 1 + max((int(s.file.split("-")[1].split(".")[0]) for s in self.index.shards), default=-1)
         write_index(self.directory, self.index)  # an empty but valid store from the start
         if zero_image is not None:
-            if zero_image.numel() != dim or not bool(torch.isfinite(zero_image).all()):
+            if zero_image.numel() != dim or first_nonfinite(zero_image) is not None:
                 raise UserError(f"zero_image must be a finite ({dim},) vector, got shape {tuple(zero_image.shape)}")
             old = self.directory / ZERO_IMAGE_NAME
             if (

@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checks import NonFiniteError
 from ..errors import UserError
-from .checkpoint import RunState, list_checkpoints, save_checkpoint, saved_config
+from .checkpoint import RunState, list_checkpoints, load_checkpoint, save_checkpoint, saved_config
 from .config import OptimConfig
 
 
@@ -163,10 +164,11 @@ def run_training(objective: Objective, settings: LoopSettings, stop_after: int |
     schedule = make_schedule(optimizer, optim, settings.max_steps)
     state = RunState(generator=torch.Generator().manual_seed(settings.seed * 7919 + accelerator.process_index))
     model, optimizer = accelerator.prepare(model, optimizer)
-    for item in (schedule, state) + ((ema,) if ema else ()):
-        accelerator.register_for_checkpointing(item)
+    # Kept out of accelerate's register_for_checkpointing, which pickles them: safetensors + JSON instead.
+    shared = {"schedule": schedule, **({"ema": ema} if ema else {})}
+    per_rank = {"run_state": state}
     if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
+        load_checkpoint(accelerator, checkpoints[-1], shared, per_rank)
         if ema is not None:
             ema.to(accelerator.device)
         accelerator.print(f"{settings.name}: resumed from {checkpoints[-1]} at step {state.step}")
@@ -188,6 +190,12 @@ def run_training(objective: Objective, settings: LoopSettings, stop_after: int |
             with sync, accelerator.autocast():
                 losses = objective.losses(model, batch, state)
                 accelerator.backward(losses["loss"] / accum)
+            bad = ~torch.isfinite(losses["loss"].detach()) if micro == 0 else bad | ~torch.isfinite(losses["loss"].detach())
+        if bool(bad):  # one sync per step; stops before a NaN reaches the weights, a checkpoint or the export
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            raise NonFiniteError(f"{settings.name}: the loss is not finite at step {state.step + 1} ({terms}); lower "
+                                 "optim.lr or check the data (`lambda-eclipse features validate`); nothing of this "
+                                 "step was saved")
         state.data_position += accum
         if optim.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
@@ -211,7 +219,7 @@ def run_training(objective: Objective, settings: LoopSettings, stop_after: int |
                 bar.write(f"step {state.step}: " + " ".join(f"val/{k}={v:.4f}" for k, v in metrics.items()))
             model.train()
         if state.step % settings.checkpoint_every == 0 or state.step == last:
-            save_checkpoint(accelerator, out, state.step, resolved, settings.keep_checkpoints)
+            save_checkpoint(accelerator, out, state.step, resolved, settings.keep_checkpoints, shared, per_rank)
     bar.close()
     complete = state.step >= settings.max_steps
     model.eval()
