@@ -249,8 +249,9 @@ def test_resume_never_unpickles_and_model_code_is_never_trusted(tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------- 6. no surprises
-def test_generate_batches_write_as_they_go_and_match_one_batch(model_dir, tmp_path, monkeypatch):
+def test_generate_batches_write_as_they_go_and_match_one_batch(tiny_pipe, tmp_path, monkeypatch):
     calls, seen = [], []
+    monkeypatch.setattr(cli_module, "load_pipeline", lambda *a, **k: tiny_pipe)  # in memory: no load per call
     real = LambdaEclipsePipeline.__call__
 
     def counting(self, *args, **kwargs):
@@ -258,7 +259,7 @@ def test_generate_batches_write_as_they_go_and_match_one_batch(model_dir, tmp_pa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(LambdaEclipsePipeline, "__call__", counting)
-    args = dict(prompt="a dog", num_images=3, steps=1, model=str(model_dir), progress=False, height=8, width=8)
+    args = dict(prompt="a dog", num_images=3, steps=1, model="tiny", progress=False, height=8, width=8)
     batched = generate(GenerateArgs(**args, out=str(tmp_path / "b"), batch_size=2), on_saved=seen.append)
     assert calls == [(2, 0), (1, 2)] and seen == batched  # each batch written before the next starts
     whole = generate(GenerateArgs(**args, out=str(tmp_path / "w"), batch_size=8))
