@@ -70,7 +70,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, config_dict: dict[str, Any], keep: int,
-                    objects: Mapping[str, Any] | None = None, rank_objects: Mapping[str, Any] | None = None) -> Path | None:
+                    objects: Mapping[str, Any] | None = None,
+                    rank_objects: Mapping[str, Any] | None = None) -> Path | None:
     """Save a training checkpoint atomically and prune all but the newest ``keep``. Returns its path (main rank).
 
     ``objects`` (schedule, EMA: the same on every rank) are written by the main rank, ``rank_objects`` (the run

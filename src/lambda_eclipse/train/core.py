@@ -190,7 +190,8 @@ def run_training(objective: Objective, settings: LoopSettings, stop_after: int |
             with sync, accelerator.autocast():
                 losses = objective.losses(model, batch, state)
                 accelerator.backward(losses["loss"] / accum)
-            bad = ~torch.isfinite(losses["loss"].detach()) if micro == 0 else bad | ~torch.isfinite(losses["loss"].detach())
+            finite = torch.isfinite(losses["loss"].detach())  # stays on the device: no sync per micro-batch
+            bad = ~finite if micro == 0 else bad | ~finite
         if bool(bad):  # one sync per step; stops before a NaN reaches the weights, a checkpoint or the export
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise NonFiniteError(f"{settings.name}: the loss is not finite at step {state.step + 1} ({terms}); lower "
