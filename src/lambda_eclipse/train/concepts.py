@@ -124,13 +124,14 @@ def cached_encoding(concepts: ConceptSet, size: int, encoders_id: str, cache_dir
 
     key = hashlib.sha256(f"{concepts.fingerprint()}|{size}|{encoders_id}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"encoded-{key}.safetensors"
-    if cache.is_file():
-        cached = load_file(str(cache))
-        return cached["latents"], cached["embeds"]
-    images = [prepare_training_image(load_image(p), size) for p in concepts.paths]
-    latents, embeds = encode_training_images(images, *load_encoders())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as temporary:
-        save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous(),
-                   "concept": torch.tensor(concepts.concept)}, str(temporary))
-    return latents, embeds
+    if not cache.is_file():
+        images = [prepare_training_image(load_image(p), size) for p in concepts.paths]
+        latents, embeds = encode_training_images(images, *load_encoders())
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as temporary:
+            save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous(),
+                       "concept": torch.tensor(concepts.concept)}, str(temporary))
+    # Always what the file holds: a fresh encoding can come back in another memory layout (the MoVQ's), and the
+    # UNet's kernels round differently on it, so a first run and its resumption would drift apart.
+    cached = load_file(str(cache))
+    return cached["latents"], cached["embeds"]
