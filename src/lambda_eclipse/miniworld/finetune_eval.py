@@ -211,8 +211,35 @@ def run_finetune_eval(model_dir: str | os.PathLike, oracle_dir: str | os.PathLik
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
             plot_figures(metrics, out / "finetune-eval.png")
+            atomic_write(out / "metrics.md", write_markdown(metrics))
             write_grid(sets["finetuned"], grids, cfg, out / "grid.png")
     return metrics
+
+
+FIGURES = (("shape_found_and_colour_right", "shape found and colour right"), ("shape_found", "shape found"),
+           ("clip_i", "CLIP-I to the subject crop"), ("dino", "DINO-like to the subject crop"),
+           ("background_colour", "background colour right"), ("background_kind", "background kind right"),
+           ("clip_t", "CLIP-T (appearance-free prompt)"))
+
+
+def write_markdown(metrics: dict) -> str:
+    """The report as Markdown tables: one per concept set, a column per (mode, step)."""
+    columns = [(mode, step) for mode, points in metrics["results"].items() for step in sorted(points, key=int)
+               if not (mode == "lora" and step == "0")]
+    lines = ["# Decoder fine-tuning in the miniature world", "",
+             f"Fine-tuned concepts: {', '.join(metrics['finetuned_concepts'])}.",
+             f"Control concepts (not fine-tuned): {', '.join(metrics['control_concepts'])}.",
+             f"Prompts: {metrics['prompts']} (images per prompt: {metrics['config']['images_per_prompt']}); "
+             "step 0 is the bundle without fine-tuning.", ""]
+    for which in ("finetuned", "control"):
+        lines += [f"## {which} concepts", "",
+                  "| metric | " + " | ".join("bundle" if s == "0" else f"{m} @{s}" for m, s in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for key, title in FIGURES:
+            cells = [f"{metrics['results'][m][s][which][key]:.3f}" for m, s in columns]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot_figures(metrics: dict, path: Path) -> None:
@@ -242,8 +269,9 @@ def plot_figures(metrics: dict, path: Path) -> None:
 
 
 def write_grid(prompts: list[tuple[Scene, int]], grids: dict, cfg: FinetuneEvalConfig, path: Path) -> None:
-    """One row per fine-tuned concept (its first prompt): the scene's render, then the first image of each run/step."""
-    columns = [k for k in grids if "finetuned" in grids[k]]
+    """One row per fine-tuned concept (its first prompt): the scene's render, the bundle's image, then each
+    run's at each step (full@100, lora@100, full@200, ...)."""
+    columns = [k for k in grids if "finetuned" in grids[k] and k != "lora@0"]  # lora@0 is the bundle again
     rows, seen = [], set()
     for p, (scene, i) in enumerate(prompts):
         concept = _key(scene.objects[i])
