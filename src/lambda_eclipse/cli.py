@@ -146,6 +146,9 @@ class GenerateArgs:
     low_memory: bool = False
     progress: bool = True
     batch_size: int = 4  # images per pipeline call; each batch is written as soon as it is made
+    unet: str | None = None  # a fine-tuned decoder UNet folder (finetune-decoder's run folder or its unet/)
+    lora: str | None = None  # a decoder LoRA file (finetune-decoder's lora.safetensors)
+    lora_scale: float = 1.0
 
 
 def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Image | None]:
@@ -171,6 +174,10 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
         else:
             raise UserError(f"subject embedding file {path!r} does not exist; check the path")
     edge = None if args.edge is None else load_image(args.edge, what="edge image")
+    if args.unet is not None and not Path(args.unet).is_dir():
+        raise UserError(f"--unet {args.unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
+    if args.lora is not None and not Path(args.lora).is_file():
+        raise UserError(f"--lora {args.lora!r} does not exist; give the lora.safetensors finetune-decoder wrote")
     return subjects, edge
 
 
@@ -184,10 +191,12 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
     subjects, edge = _check_generate_args(args)
     import torch
 
+    from .adapters import apply_decoder_adapters
     from .outputs import image_stem, save_png
 
     model = resolve_model(args.model)
     pipe = load_pipeline(model, args.device, args.dtype, args.low_memory)
+    apply_decoder_adapters(pipe, args.unet, args.lora, args.lora_scale)
     seeds = [args.seed + i for i in range(args.num_images)]
     batches = [seeds[i : i + args.batch_size] for i in range(0, len(seeds), args.batch_size)]
 
@@ -208,6 +217,9 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
         settings = {"model": model, "steps": args.steps, "guidance": args.guidance,
                     "scheduler": args.scheduler or "default", "height": images[0].height, "width": images[0].width,
                     "edge": args.edge}
+        settings.update({k: v for k, v in (("unet", args.unet), ("lora", args.lora)) if v is not None})
+        if args.lora is not None:
+            settings["lora_scale"] = args.lora_scale
         request = {"subjects": args.subjects, **settings}
         for seed, image in zip(batch, images):
             metadata = {"prompt": args.prompt, "subjects": args.subjects, "seed": str(seed), "settings": settings}
@@ -340,7 +352,7 @@ def _generate_command(ns: argparse.Namespace) -> None:
         prompt=ns.prompt, subjects=parse_subjects(ns.subject), edge=ns.edge, num_images=ns.n, seed=ns.seed,
         steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, height=ns.height, width=ns.width,
         model=ns.model, out=ns.out, device=ns.device, dtype=ns.dtype, low_memory=ns.low_memory,
-        progress=not ns.quiet, batch_size=ns.batch_size,
+        progress=not ns.quiet, batch_size=ns.batch_size, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale,
     )
     generate(args, on_saved=lambda path: print(path, flush=True))  # each path as soon as its file is complete
 
@@ -352,6 +364,37 @@ def _train_prior_command(ns: argparse.Namespace) -> None:
         print("config keys (override with section.key=value):\n" + config_help())
         return
     print(train_prior(ns.config, ns.output_dir, ns.max_steps, ns.checkpoint_every, ns.overrides))
+
+
+# ---------------------------------------------------------------------------------------------------- finetune-decoder
+def finetune_decoder(config: str | None = None, output_dir: str | None = None, max_steps: int | None = None,
+                     overrides: list[str] | None = None) -> Path:
+    """Fine-tune (or resume) the decoder UNet on concepts (Eq. 2, full or LoRA); returns the run folder, which
+    holds ``unet/`` (full) or ``lora.safetensors`` (lora) for ``generate --unet/--lora``."""
+    from .train.finetune import finetune_decoder as run, load_finetune_config
+
+    return run(load_finetune_config(config, overrides or [], output_dir=output_dir, max_steps=max_steps))
+
+
+def _finetune_decoder_command(ns: argparse.Namespace) -> None:
+    if ns.help_config:
+        from .train.finetune import finetune_config_help
+
+        print("config keys (override with section.key=value):\n" + finetune_config_help())
+        return
+    print(finetune_decoder(ns.config, ns.output_dir, ns.max_steps, ns.overrides))
+
+
+def miniworld_finetune_eval(out: str, work: str, model: str | None = None, oracle: str | None = None,
+                            threads: int = 1) -> dict:
+    """Fine-tune the bundled decoder on 8 held-out concepts (full and LoRA) and score before/after; see
+    :mod:`lambda_eclipse.miniworld.finetune_eval`."""
+    from dataclasses import replace
+
+    from .miniworld.finetune_eval import FinetuneEvalConfig, run_finetune_eval
+
+    return run_finetune_eval(model or str(BUNDLED_MODEL), oracle or str(BUNDLED_ORACLE), out, work,
+                             replace(FinetuneEvalConfig(), threads=threads))
 
 
 def _features_validate_command(ns: argparse.Namespace) -> None:
@@ -390,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
     gen.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
+    gen.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     gen.set_defaults(func=_generate_command)
 
     enc = commands.add_parser("encode-subject", help="save a subject's CLIP image embedding for reuse")
@@ -407,6 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=1e-4")
     train.set_defaults(func=_train_prior_command)
+
+    tune = commands.add_parser("finetune-decoder", help="personalize the decoder UNet on concepts, full or LoRA "
+                                                        "(Eq. 2; resumes when rerun)")
+    tune.add_argument("--config", help="YAML config (configs/finetune-decoder-dreambench.yaml, ...-miniworld.yaml)")
+    tune.add_argument("--output-dir", help="run folder (checkpoints/, cache/, unet/ or lora.safetensors); rerun to resume")
+    tune.add_argument("--max-steps", type=int, help="optimizer steps of the whole run")
+    tune.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    tune.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. mode=lora")
+    tune.set_defaults(func=_finetune_decoder_command)
 
     features = commands.add_parser("features", help="feature-store tools").add_subparsers(
         dest="features_command", required=True, parser_class=_Parser)
@@ -432,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = world.add_parser("eval", help="generate on held-out instances and prompts and score them")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=eval_command)
+    tune_eval = world.add_parser("finetune-eval", help="fine-tune the decoder on 8 held-out concepts (full, LoRA) "
+                                                       "and score them before and after (resumes when rerun)")
+    tune_eval.add_argument("--out", required=True, help="report folder: metrics.json, finetune-eval.png, grid.png")
+    tune_eval.add_argument("--work", required=True, help="work folder: concept images, runs, per-step scores")
+    tune_eval.add_argument("--model", help=f"pipeline folder (default {BUNDLED_MODEL})")
+    tune_eval.add_argument("--oracle", help=f"oracle folder (default {BUNDLED_ORACLE})")
+    tune_eval.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    tune_eval.set_defaults(func=lambda ns: print(json.dumps(miniworld_finetune_eval(
+        ns.out, ns.work, ns.model, ns.oracle, ns.threads)["results"], indent=1)))
     return parser
 
 

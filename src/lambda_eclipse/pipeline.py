@@ -288,9 +288,11 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         encoders_repo: str = DEFAULT_ENCODERS,
         decoder_repo: str | None = DEFAULT_DECODER,
         torch_dtype: torch.dtype | None = None,
+        unet=None,
         **hub_kwargs,
     ) -> "LambdaEclipsePipeline":
-        """Compose a pipeline from a prior, CLIP encoders (repo with encoder subfolders) and a K2.2 decoder repo."""
+        """Compose a pipeline from a prior, CLIP encoders (repo with encoder subfolders) and a K2.2 decoder repo;
+        ``unet`` (a loaded UNet, e.g. a fine-tuned one) replaces the decoder repo's."""
         from diffusers import UNet2DConditionModel, VQModel
         from transformers import (
             CLIPImageProcessorPil,
@@ -311,11 +313,26 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         )
         if decoder_repo is not None:
             parts.update(
-                unet=UNet2DConditionModel.from_pretrained(decoder_repo, subfolder="unet", **dtype, **hub_kwargs),
+                unet=unet if unet is not None else UNet2DConditionModel.from_pretrained(decoder_repo, subfolder="unet", **dtype, **hub_kwargs),
                 scheduler=DDPMScheduler.from_pretrained(decoder_repo, subfolder="scheduler", **hub_kwargs),
                 movq=VQModel.from_pretrained(decoder_repo, subfolder="movq", **dtype, **hub_kwargs),
             )
         return cls(**parts)
+
+    # ----------------------------------------------------------------------------------------------- personalized decoder
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Add a decoder LoRA written by ``finetune-decoder`` (its ``lora.safetensors``) at strength ``scale``
+        (diffusers' PEFT integration on the UNet; needs peft). A LoRA of another UNet shape is a UserError."""
+        from .adapters import apply_decoder_adapters
+
+        apply_decoder_adapters(self, lora=path, lora_scale=scale)
+
+    def unload_lora(self) -> None:
+        """Remove the decoder LoRA: the UNet computes exactly what it did before :meth:`load_lora`."""
+        from .adapters import unload_lora
+
+        if self.unet is not None:
+            unload_lora(self.unet)
 
     # ----------------------------------------------------------------------------------------------- encoding
     @property

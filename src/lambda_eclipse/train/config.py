@@ -109,7 +109,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return bool(value)
         if origin is tuple:
             items = yaml.safe_load(value) if isinstance(value, str) else value
-            return tuple(float(v) for v in items)
+            items = items.split(",") if isinstance(items, str) else items  # a,b,c on the command line
+            item_kind = typing.get_args(kind)[0]
+            return tuple(item_kind(v.strip() if isinstance(v, str) else v) for v in items)
         if kind in (int, float, str):
             if isinstance(value, str) and kind is not str:
                 value = yaml.safe_load(value)
@@ -121,13 +123,15 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls, values: dict[str, Any], prefix: str = "", command: str = "train-prior", default: Any = None) -> Any:
+    """``cls`` from nested ``values``; a missing key keeps ``default``'s value (a section's own default), else the
+    field default."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         name = prefix + sorted(unknown)[0]
-        raise UserError(f"unknown config key {name!r}; see `lambda-eclipse train-prior --help-config`")
+        raise UserError(f"unknown config key {name!r}; see `lambda-eclipse {command} --help-config`")
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
@@ -136,14 +140,22 @@ def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise UserError(f"config section {prefix + f.name!r} must be a mapping")
-            kwargs[f.name] = _build(kind, value, prefix + f.name + ".")
+            section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            kwargs[f.name] = _build(kind, value, prefix + f.name + ".", command, section)
         else:
             kwargs[f.name] = _coerce(value, kind, prefix + f.name)
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs) if default is not None else cls(**kwargs)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> TrainConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and keyword overrides, and validate it."""
+    config = load_dataclass(TrainConfig, path, overrides, "train-prior", **top)
+    validate(config)
+    return config
+
+
+def load_dataclass(cls, path: str | Path | None, overrides: list[str] | None, command: str, **top: Any) -> Any:
+    """A ``cls`` config from a YAML file, ``key.sub=value`` overrides and keyword overrides (not validated)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -169,9 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in top.items():
         if value is not None:
             values[key] = value
-    config = _build(TrainConfig, values)
-    validate(config)
-    return config
+    return _build(cls, values, command=command)
 
 
 def validate(config: TrainConfig) -> None:
@@ -200,18 +210,18 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def config_help() -> str:
-    """One line per key: dotted name, default, help."""
+def config_help(root=TrainConfig) -> str:
+    """One line per key of ``root`` (default: the prior's config): dotted name, default, help."""
     lines = []
 
-    def walk(cls, prefix=""):
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
+    def walk(instance, prefix=""):
+        hints = typing.get_type_hints(type(instance))
+        for f in fields(instance):
+            value = getattr(instance, f.name)  # a section's defaults are its parent's, not its class's
             if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], prefix + f.name + ".")
+                walk(value, prefix + f.name + ".")
             else:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                lines.append(f"  {prefix + f.name:<28} {default!s:<14} {f.metadata.get('help', '')}")
+                lines.append(f"  {prefix + f.name:<28} {value!s:<14} {f.metadata.get('help', '')}")
 
-    walk(TrainConfig)
+    walk(root())
     return "\n".join(lines)
