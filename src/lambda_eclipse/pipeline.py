@@ -610,6 +610,18 @@ class LambdaEclipsePipeline(DiffusionPipeline):
             return (decoded, prior.image_embeds, prior.negative_image_embeds)
         return LambdaEclipsePipelineOutput(decoded, prior.image_embeds, prior.negative_image_embeds)
 
+    def interpolate(self, corners, steps: int = 5, path: str = "slerp", seed: int = 0, **kwargs):
+        """Frames between 2 corners (a line of ``steps``) or 4 (a ``steps × steps`` grid, the paper's Figure 7).
+
+        Each corner is a prompt, a :class:`~lambda_eclipse.interpolation.Corner` (prompt, its own subjects, edge
+        map) or a (D,) embedding; ``path`` "slerp" (default) or "lerp" (the paper's). ``kwargs``: the decoder
+        settings and controls of :meth:`__call__`, ``positions`` and ``batch_size``; see
+        :func:`~lambda_eclipse.interpolation.run_interpolation`. Returns an ``InterpolationOutput``.
+        """
+        from .interpolation import run_interpolation
+
+        return run_interpolation(self, corners, steps, path, seed, **kwargs)
+
     def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Missing sizes -> the UNet's native size (sample_size latents × the MoVQ's scale)."""
         native = int(self.unet.config.sample_size) * self.movq_scale_factor
