@@ -29,7 +29,7 @@ from PIL import Image
 from ..atomic import atomic_write
 from .draw import paint_object
 from .evaluate import EvalConfig, _generators, clip_features, decode
-from .scenes import _crop_on_white, iter_scenes
+from .scenes import _crop_on_white, iter_scenes, render_scene
 from .vocab import COLOURS
 
 COLOUR_NAMES = list(COLOURS)
@@ -102,33 +102,41 @@ def measure_lines(pipe, oracle, cfg: InterpolationEvalConfig, size: int, path: s
                                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                scheduler=cfg.scheduler, output_type="np")
         frames = np.round(np.clip(out.images, 0, 1) * 255).astype(np.uint8)
-        probs = oracle.probs(frames)
-        k = [s for s in oracle_shapes()].index(obj.shape)
-        present = probs["presence"][:, k].numpy()
-        colour = probs["colour"][:, k]
-        pa, pb = colour[:, COLOUR_NAMES.index(obj.colour)].numpy(), colour[:, COLOUR_NAMES.index(b)].numpy()
-        reading = pb / np.maximum(pa + pb, 1e-8)
-        feats = F.normalize(clip_features(pipe, [Image.fromarray(f) for f in frames])[0], dim=-1)
-        steps = (1 - (feats[:-1] * feats[1:]).sum(-1)).numpy()
-        norms = out.image_embeds.float().norm(dim=-1).numpy()
-        records.append({
-            "prompt": prompt, "shape": obj.shape, "texture": obj.texture, "colour_a": obj.colour, "colour_b": b,
-            "present": present.round(3).tolist(), "reading_b": reading.round(3).tolist(),
-            "colour_read": [COLOUR_NAMES[int(i)] for i in colour.argmax(-1)],
-            "clip_i_steps": steps.round(4).tolist(), "embed_norms": norms.round(3).tolist(),
-            "found_every_frame": bool((present >= 0.5).all()),
-            "direction_changes": direction_changes(reading),
-            "a_to_b": bool(reading[0] < 0.5 < reading[-1]),
-            "even": bool(steps.max() <= 2 * steps.mean()),
-            "max_over_mean_step": float(steps.max() / max(steps.mean(), 1e-8)),
-        })
+        records.append({"prompt": prompt, **score_line(pipe, oracle, frames, obj, b),
+                        "embed_norms": out.image_embeds.float().norm(dim=-1).numpy().round(3).tolist()})
         all_frames.append(frames)
         print(f"line {len(records)}/{cfg.num_lines} {path}: {obj.shape} {obj.colour}->{b} found "
               f"{records[-1]['present']} reading {records[-1]['reading_b']}", flush=True)
+    return summarize_lines(records, path), np.stack(all_frames), records
+
+
+def score_line(pipe, oracle, frames: np.ndarray, obj, b: str) -> dict:
+    """One line of uint8 frames (F, S, S, 3) from ``obj``'s colour to colour ``b``: the oracle's presence and colour
+    reading p(B) / (p(A) + p(B)) per frame, and the CLIP-I steps (1 - cosine) between neighbouring frames."""
+    probs = oracle.probs(frames)
+    k = oracle_shapes().index(obj.shape)
+    present = probs["presence"][:, k].numpy()
+    colour = probs["colour"][:, k]
+    pa, pb = colour[:, COLOUR_NAMES.index(obj.colour)].numpy(), colour[:, COLOUR_NAMES.index(b)].numpy()
+    reading = pb / np.maximum(pa + pb, 1e-8)
+    feats = F.normalize(clip_features(pipe, [Image.fromarray(f) for f in frames])[0], dim=-1)
+    steps = (1 - (feats[:-1] * feats[1:]).sum(-1)).numpy()
+    return {
+        "shape": obj.shape, "texture": obj.texture, "colour_a": obj.colour, "colour_b": b,
+        "present": present.round(3).tolist(), "reading_b": reading.round(3).tolist(),
+        "colour_read": [COLOUR_NAMES[int(i)] for i in colour.argmax(-1)], "clip_i_steps": steps.round(4).tolist(),
+        "found_every_frame": bool((present >= 0.5).all()), "direction_changes": direction_changes(reading),
+        "a_to_b": bool(reading[0] < 0.5 < reading[-1]), "even": bool(steps.max() <= 2 * steps.mean()),
+        "max_over_mean_step": float(steps.max() / max(steps.mean(), 1e-8)),
+    }
+
+
+def summarize_lines(records: list[dict], path: str) -> dict:
+    """The share of lines meeting each criterion, and the found rate by frame."""
     n = len(records)
     found = np.array([r["present"] for r in records]) >= 0.5
-    metrics = {
-        "lines": n, "frames": cfg.frames, "path": path,
+    return {
+        "lines": n, "frames": found.shape[1], "path": path,
         "found_every_frame": sum(r["found_every_frame"] for r in records) / n,
         "found_by_frame": found.mean(0).round(3).tolist(),
         "ends_read_a_then_b": sum(r["a_to_b"] for r in records) / n,
@@ -138,7 +146,34 @@ def measure_lines(pipe, oracle, cfg: InterpolationEvalConfig, size: int, path: s
         "max_over_mean_step_median": float(np.median([r["max_over_mean_step"] for r in records])),
         "all_three": sum(r["found_every_frame"] and r["direction_changes"] <= 1 and r["even"] for r in records) / n,
     }
-    return metrics, np.stack(all_frames), records
+
+
+def measure_ramp(pipe, oracle, cfg: InterpolationEvalConfig, size: int) -> dict:
+    """References for the lines: each line's scene rendered with the subject's colour mixed from A to B in RGB (a
+    truly smooth transition), scored as rendered and as decoded from the renders' own CLIP embeddings. They tell
+    what the judge (oracle, tiny CLIP) and the decoder make of a smooth colour ramp."""
+    from . import draw
+
+    rendered, decoded = [], []
+    ecfg = EvalConfig(images_per_prompt=cfg.frames, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, seed=cfg.seed)
+    for scene in one_subject_scenes(cfg.num_lines, cfg.seed, size):
+        obj = scene.objects[0]
+        b = other_colour(obj.colour)
+        a_rgb, b_rgb = np.array(COLOURS[obj.colour], float), np.array(COLOURS[b], float)
+        renders = []
+        try:  # the palette is module data: mix the subject's colour in place, and put it back
+            for t in np.linspace(0, 1, cfg.frames):
+                draw.COLOURS[obj.colour] = tuple(int(round(v)) for v in (1 - t) * a_rgb + t * b_rgb)
+                renders.append(render_scene(scene.seed, size, "heldout").image)
+        finally:
+            draw.COLOURS[obj.colour] = tuple(int(v) for v in a_rgb)
+        renders = np.stack(renders)
+        rendered.append(score_line(pipe, oracle, renders, obj, b))
+        embeds = clip_features(pipe, [Image.fromarray(r) for r in renders])[0]
+        decoded.append(score_line(pipe, oracle, decode(pipe, embeds, ecfg, size), obj, b))
+    return {"rendered": summarize_lines(rendered, "RGB ramp, rendered"),
+            "decoded": summarize_lines(decoded, "RGB ramp, decoded from its CLIP embeddings")}
 
 
 def oracle_shapes() -> list[str]:
@@ -295,6 +330,7 @@ def run_interpolation_eval(model: str | os.PathLike, oracle_path: str | os.PathL
         metrics["knobs"] = part("knobs", lambda: measure_knobs(pipe, oracle, cfg, size))
         metrics["grid"] = part("grid", lambda: measure_grid(pipe, str(model), cfg, size, out))
         metrics["lines"]["lerp"] = lines("lerp")
+        metrics["ramp"] = part("ramp", lambda: measure_ramp(pipe, oracle, cfg, size))
     finally:
         torch.set_num_threads(previous)
     with atomic_path(out / "lines.png") as temporary:
@@ -311,7 +347,8 @@ def metrics_markdown(m: dict) -> str:
              "| path | lines | subject found in every frame | colour A→B, at most one change of direction | "
              "monotone A→B | even CLIP-I steps (max ≤ 2× mean) | all three | found, by frame |",
              "|---|---|---|---|---|---|---|---|"]
-    for path, x in m["lines"].items():
+    rows = list(m["lines"].items()) + [(x["path"], x) for x in m.get("ramp", {}).values() if isinstance(x, dict)]
+    for path, x in rows:
         lines.append(f"| {path} | {x['lines']} | {x['found_every_frame']:.2f} | {x['at_most_one_direction_change']:.2f} | "
                      f"{x['monotone_a_to_b']:.2f} | {x['even_steps']:.2f} | {x['all_three']:.2f} | "
                      f"{' '.join(f'{v:.2f}' for v in x['found_by_frame'])} |")
