@@ -32,9 +32,12 @@ def corner_record(corner: Corner, seed: int) -> dict[str, Any]:
             "label": corner.describe()}
 
 
-def grid_image(images: Sequence[Image.Image], columns: int, labels: Sequence[str]) -> Image.Image:
+def grid_image(images: Sequence[Image.Image], columns: int, labels: Sequence[str], scale: int = 1) -> Image.Image:
     """Frames in rows of ``columns``, with a strip above and below naming the corners (2 labels: start at the top
-    left, end at the bottom right; 4: top-left, top-right, bottom-left, bottom-right)."""
+    left, end at the bottom right; 4: top-left, top-right, bottom-left, bottom-right); ``scale`` enlarges the frames
+    (nearest neighbour, for small images)."""
+    if scale != 1:
+        images = [i.resize((i.width * scale, i.height * scale), Image.Resampling.NEAREST) for i in images]
     w, h = images[0].size
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (w * columns, h * rows + 2 * LABEL_HEIGHT), "white")

@@ -264,11 +264,13 @@ def measure_grid(pipe, model: str, cfg: InterpolationEvalConfig, size: int, out:
             "corners_bitwise_equal_to_generate": same}
 
 
-def lines_figure(frames: dict[str, np.ndarray], records: list, rows: int = 8) -> Image.Image:
-    """Rows of lines (A left, B right), slerp above lerp for each line, with the line's label."""
+def lines_figure(frames: dict[str, np.ndarray], records: list, rows: int = 8, scale: int = 2) -> Image.Image:
+    """Rows of lines (A left, B right), slerp above lerp for each line, with the line's label; frames enlarged
+    ``scale`` times (nearest neighbour)."""
     from PIL import ImageDraw
 
     paths = list(frames)
+    frames = {p: f.repeat(scale, axis=2).repeat(scale, axis=3) for p, f in frames.items()}
     s, n = frames[paths[0]].shape[2], frames[paths[0]].shape[1]
     margin = 150
     sheet = Image.new("RGB", (margin + n * s, rows * len(paths) * s), "white")
@@ -301,7 +303,11 @@ def run_interpolation_eval(model: str | os.PathLike, oracle_path: str | os.PathL
         pipe.set_progress_bar_config(disable=True)
         oracle = load_oracle(oracle_path)
         size = int(pipe.unet.config.sample_size) * pipe.movq_scale_factor
-        metrics: dict = {"config": asdict(cfg), "model": str(model), "oracle": str(oracle_path), "size": size}
+        def shown(path) -> str:  # relative to the working folder when inside it, so reports do not name a machine
+            rel = os.path.relpath(path)
+            return str(path) if rel.startswith("..") else rel
+
+        metrics: dict = {"config": asdict(cfg), "model": shown(model), "oracle": shown(oracle_path), "size": size}
 
         def part(name: str, compute):
             file = out / "parts" / f"{name}.json"
@@ -335,6 +341,12 @@ def run_interpolation_eval(model: str | os.PathLike, oracle_path: str | os.PathL
         torch.set_num_threads(previous)
     with atomic_path(out / "lines.png") as temporary:
         lines_figure(frames, records["slerp"]).save(temporary, format="PNG")
+    with atomic_path(out / "grid.png") as temporary:  # the grid enlarged for reading, from its frame PNGs
+        from ..interpolation_io import grid_image
+
+        stem = Path(metrics["grid"]["grid"]).name.removesuffix("-grid.png")
+        images = [Image.open(out / "grid" / f"{stem}-frame{k:03d}.png") for k in range(cfg.grid_steps**2)]
+        grid_image(images, cfg.grid_steps, metrics["grid"]["corners"], scale=4).save(temporary, format="PNG")
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     atomic_write(out / "metrics.md", metrics_markdown(metrics))
     return metrics
