@@ -252,8 +252,6 @@ def interpolate(args: InterpolateArgs) -> dict:
                         for p in paths] for w, paths in c["subjects"].items()}
         edge = None if c.get("edge_image") is None else load_image(c["edge_image"], what=f"corner {k + 1} edge image")
         corners.append(Corner(c["prompt"], subjects, edge))
-    import torch  # noqa: F401  (loaded by the pipeline; imported here so the interpreter fails early if missing)
-
     from .interpolation_io import write_interpolation
 
     model = args.model or default_model()
