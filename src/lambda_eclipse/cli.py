@@ -79,15 +79,18 @@ def parse_subject(spec: str) -> tuple[str, str]:
     return word.strip(), path.strip()
 
 
-def parse_subjects(specs: list[str]) -> dict[str, str]:
-    """Repeated --subject WORD=PATH -> {word: path}. Words that differ only in spelling ("Dog", "dog!") are left for
-    the pipeline's check_inputs; the very same word twice is a flag mistake that a dict would hide."""
-    subjects: dict[str, str] = {}
+def parse_subjects(specs: list[str]) -> dict[str, str | list[str]]:
+    """Repeated --subject WORD=PATH -> {word: path}; the same word again adds a picture of that subject
+    ({word: [path, path]}, combined by their normalized mean). Words that differ only in spelling ("Dog", "dog!")
+    are left for the pipeline's check_inputs, which refuses them."""
+    subjects: dict[str, str | list[str]] = {}
     for spec in specs:
         word, path = parse_subject(spec)
         if word in subjects:
-            raise UserError(f"subject word {word!r} is given twice; give each subject word once")
-        subjects[word] = path
+            previous = subjects[word]
+            subjects[word] = (previous if isinstance(previous, list) else [previous]) + [path]
+        else:
+            subjects[word] = path
     return subjects
 
 
@@ -130,8 +133,10 @@ class GenerateArgs:
     """Arguments of `lambda-eclipse generate`."""
 
     prompt: str
-    subjects: dict[str, str] = field(default_factory=dict)  # word -> image path or .safetensors embedding
+    subjects: dict[str, str | list[str]] = field(default_factory=dict)  # word -> image path(s) or .safetensors
     edge: str | None = None
+    subject_scale: float = 1.0
+    edge_strength: float = 1.0
     num_images: int = 1
     seed: int = 0
     steps: int = 50
@@ -164,15 +169,19 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
     if isinstance(args.batch_size, bool) or not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive whole number, got {args.batch_size!r}")
     check_inputs(args.prompt, args.subjects, args.edge, args.num_images, args.steps, args.guidance, args.height,
-                 args.width, args.scheduler, names=_FLAG_NAMES)
-    subjects: dict[str, Image | str] = {}
-    for word, path in args.subjects.items():
-        if not path.endswith(".safetensors"):
-            subjects[word] = load_image(path, what=f"subject {word!r} image")
-        elif Path(path).is_file():
-            subjects[word] = path
-        else:
-            raise UserError(f"subject embedding file {path!r} does not exist; check the path")
+                 args.width, args.scheduler, names=_FLAG_NAMES, subject_scale=args.subject_scale,
+                 edge_strength=args.edge_strength)
+    subjects: dict[str, Image | str | list] = {}
+    for word, paths in args.subjects.items():
+        loaded = []
+        for path in paths if isinstance(paths, list) else [paths]:
+            if not path.endswith(".safetensors"):
+                loaded.append(load_image(path, what=f"subject {word!r} image"))
+            elif Path(path).is_file():
+                loaded.append(path)
+            else:
+                raise UserError(f"subject embedding file {path!r} does not exist; check the path")
+        subjects[word] = loaded if isinstance(paths, list) else loaded[0]
     edge = None if args.edge is None else load_image(args.edge, what="edge image")
     if args.unet is not None and not Path(args.unet).is_dir():
         raise UserError(f"--unet {args.unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
@@ -204,7 +213,8 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
         return dict(subjects=subjects or None, edge_image=edge, num_images_per_prompt=len(batch),
                     num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
                     width=args.width, scheduler=args.scheduler,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in batch])
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in batch],
+                    subject_scale=args.subject_scale, edge_strength=args.edge_strength)
 
     pipe.check_inputs(args.prompt, **call(batches[0]), names=_FLAG_NAMES)  # this model's checks, in flags
     from tqdm.auto import tqdm
@@ -218,6 +228,8 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
                     "scheduler": args.scheduler or "default", "height": images[0].height, "width": images[0].width,
                     "edge": args.edge}
         settings.update({k: v for k, v in (("unet", args.unet), ("lora", args.lora)) if v is not None})
+        settings.update({k: v for k, v in (("subject_scale", args.subject_scale), ("edge_strength", args.edge_strength))
+                         if v != 1.0})  # only when set, so that earlier requests keep their names
         if args.lora is not None:
             settings["lora_scale"] = args.lora_scale
         request = {"subjects": args.subjects, **settings}
@@ -232,19 +244,153 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
     return written
 
 
-def encode_subject(spec: str, out: str, model: str | None = None, device: str | None = None) -> Path:
-    """Encode WORD=IMAGE once into a .safetensors subject embedding that `generate` accepts in place of the image."""
-    word, path = parse_subject(spec)
+def encode_subject(spec: str | list[str], out: str, model: str | None = None, device: str | None = None) -> Path:
+    """Encode WORD=IMAGE once into a .safetensors subject embedding that `generate` accepts in place of the image;
+    several WORD=IMAGE of one word are combined (normalized mean)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    pairs = [parse_subject(s) for s in specs]
+    word = pairs[0][0]
+    if any(w != word for w, _ in pairs):
+        raise UserError(f"encode-subject takes pictures of one subject; got words {sorted({w for w, _ in pairs})}")
     if not out.endswith(".safetensors"):
         raise UserError(f"--out {out!r} must end in .safetensors")
     from .checks import check_output_path
     from .encoders import load_image
 
     check_output_path(out, "file", "--out")
-    image = load_image(path, what=f"subject {word!r} image")
+    images = [load_image(path, what=f"subject {word!r} image") for _, path in pairs]
     pipe = load_pipeline(resolve_model(model), device)
-    pipe.save_subject_embedding(word, image, out)
+    pipe.save_subject_embedding(word, images if len(images) > 1 else images[0], out)
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------------- interpolate
+@dataclass
+class InterpolateArgs:
+    """Arguments of `lambda-eclipse interpolate`: 2 corners (a line) or 4 (a grid: top-left, top-right,
+    bottom-left, bottom-right), each ``{"prompt": str, "subjects": {word: [paths]}, "edge_image": path | None}``."""
+
+    corners: list[dict]
+    steps: int = 5
+    path: str = "slerp"
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance: float = 7.5
+    scheduler: str | None = None
+    subject_scale: float = 1.0
+    model: str | None = None
+    out: str = "outputs"
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+def interpolate(args: InterpolateArgs) -> dict:
+    """Interpolate between corners; writes the frames, a labelled grid, a GIF of a line and the embeddings
+    (:func:`lambda_eclipse.interpolation_io.write_interpolation`) and returns their paths."""
+    from .encoders import load_image
+    from .interpolation import Corner, check_corners
+    from .pipeline import check_inputs
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {args.out!r} is a file; give a folder for --out")
+    check_corners(args.corners, args.steps, args.path)
+    corners = []
+    for k, c in enumerate(args.corners):
+        check_inputs(c["prompt"], c["subjects"], c.get("edge_image"), 1, args.num_inference_steps, args.guidance,
+                     scheduler=args.scheduler, names=_FLAG_NAMES, subject_scale=args.subject_scale)
+        subjects = {w: [p if p.endswith(".safetensors") else load_image(p, what=f"corner {k + 1} subject {w!r} image")
+                        for p in paths] for w, paths in c["subjects"].items()}
+        edge = None if c.get("edge_image") is None else load_image(c["edge_image"], what=f"corner {k + 1} edge image")
+        corners.append(Corner(c["prompt"], subjects, edge))
+    from .interpolation_io import write_interpolation
+
+    model = args.model or default_model()
+    pipe = load_pipeline(model, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=not args.progress)
+    settings = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance,
+                    scheduler=args.scheduler, subject_scale=args.subject_scale)
+    result = pipe.interpolate(corners, steps=args.steps, path=args.path, seed=args.seed, **settings)
+    records = [Corner(c["prompt"], {w: p if len(p) > 1 else p[0] for w, p in c["subjects"].items()}, c.get("edge_image"))
+               for c in args.corners]  # the metadata names the files, not the decoded images
+    return write_interpolation(result, records, args.out, {"model": model, **settings}, args.seed, args.path,
+                               args.steps)
+
+
+class _CornerAction(argparse.Action):
+    """--corner PROMPT starts a corner; the --subject/--edge flags after it belong to it."""
+
+    def __call__(self, parser, ns, value, option=None):
+        if option == "--corner":
+            ns.corners = (ns.corners or []) + [{"prompt": value, "subjects": {}, "edge_image": None}]
+            return
+        if not ns.corners:
+            parser.error(f"{option} {value!r} comes before any --corner; put each corner's flags after its --corner")
+        if option == "--edge":
+            ns.corners[-1]["edge_image"] = value
+        else:
+            try:
+                word, path = parse_subject(value)
+            except UserError as error:
+                parser.error(str(error))
+            ns.corners[-1]["subjects"].setdefault(word, []).append(path)  # repeated word: several pictures
+
+
+def _interpolate_command(ns: argparse.Namespace) -> None:
+    written = interpolate(InterpolateArgs(
+        corners=ns.corners or [], steps=ns.frames, path=ns.path, seed=ns.seed, num_inference_steps=ns.steps,
+        guidance=ns.guidance, scheduler=ns.scheduler, subject_scale=ns.subject_scale, model=ns.model, out=ns.out,
+        device=ns.device, dtype=ns.dtype, progress=not ns.quiet))
+    for key in ("grid", "gif", "embeddings"):
+        if written[key] is not None:
+            print(written[key])
+    print(f"{len(written['frames'])} frames in {ns.out}")
+
+
+def miniworld_interpolation_eval(out: str, model: str | None = None, oracle: str | None = None, **config) -> dict:
+    """Interpolation lines, the grid's corners vs `generate`, the subject-scale curve and one vs several pictures in
+    the miniature world (:mod:`lambda_eclipse.miniworld.interpolation_eval`); writes ``out/metrics.md``."""
+    from .miniworld.interpolation_eval import InterpolationEvalConfig, run_interpolation_eval
+
+    return run_interpolation_eval(model or str(BUNDLED_MODEL), oracle or str(BUNDLED_ORACLE), out,
+                                  InterpolationEvalConfig(**config))
+
+
+def add_interpolation_commands(commands, world) -> None:
+    """The parsers of `interpolate` and `miniworld interpolation-eval`."""
+    inter = commands.add_parser("interpolate", help="frames between 2 corners (a line) or 4 (a grid) of prompts+subjects")
+    inter.add_argument("--corner", action=_CornerAction, dest="corners", metavar="PROMPT", required=True,
+                       help="start a corner (2 or 4; a grid's order: top-left, top-right, bottom-left, bottom-right)")
+    inter.add_argument("--subject", action=_CornerAction, dest="corners", metavar="WORD=PATH",
+                       help="a subject of the last corner (repeat a word for several pictures of it)")
+    inter.add_argument("--edge", action=_CornerAction, dest="corners", metavar="PATH", help="the last corner's edge image")
+    inter.add_argument("--frames", type=int, default=5, help="frames per side, corners included (default 5)")
+    inter.add_argument("--path", choices=["slerp", "lerp"], default="slerp", help="slerp (default) or lerp (the paper's)")
+    inter.add_argument("--seed", type=int, default=0, help="seed of every corner's prior and of the decoder noise")
+    inter.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
+    inter.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (default 7.5)")
+    inter.add_argument("--scheduler", choices=["ddpm", "ddim"], help="decoder scheduler (default: the model's own)")
+    inter.add_argument("--subject-scale", type=float, default=1.0, help="0 text only .. 1 the paper .. 2 (default 1)")
+    inter.add_argument("--model", help="model folder or Hub id (default as for generate)")
+    inter.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    inter.add_argument("--device")
+    inter.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    inter.add_argument("--quiet", action="store_true", help="no progress bar")
+    inter.set_defaults(func=_interpolate_command)
+
+    ev = world.add_parser("interpolation-eval", help="measure interpolation, subject scale and several pictures")
+    ev.add_argument("--out", required=True, help="output folder (metrics.md, lines.png, grid/); rerun to resume")
+    ev.add_argument("--model", help=f"pipeline folder (default {BUNDLED_MODEL})")
+    ev.add_argument("--oracle", help=f"oracle folder (default {BUNDLED_ORACLE})")
+    ev.add_argument("--num-lines", type=int, default=20)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(func=_interpolation_eval_command)
+
+
+def _interpolation_eval_command(ns: argparse.Namespace) -> None:
+    miniworld_interpolation_eval(ns.out, ns.model, ns.oracle, num_lines=ns.num_lines, threads=ns.threads)
+    print(Path(ns.out) / "metrics.md")
 
 
 # ---------------------------------------------------------------------------------------------------- tooling
@@ -350,6 +496,7 @@ def eval_command(ns: argparse.Namespace) -> dict:
 def _generate_command(ns: argparse.Namespace) -> None:
     args = GenerateArgs(
         prompt=ns.prompt, subjects=parse_subjects(ns.subject), edge=ns.edge, num_images=ns.n, seed=ns.seed,
+        subject_scale=ns.subject_scale, edge_strength=ns.edge_strength,
         steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, height=ns.height, width=ns.width,
         model=ns.model, out=ns.out, device=ns.device, dtype=ns.dtype, low_memory=ns.low_memory,
         progress=not ns.quiet, batch_size=ns.batch_size, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale,
@@ -415,8 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate personalized images from a prompt and subject images")
     gen.add_argument("prompt", help="text prompt; each subject word must occur in it")
     gen.add_argument("--subject", action="append", default=[], metavar="WORD=PATH",
-                     help="bind WORD of the prompt to the subject in image PATH (or a .safetensors from encode-subject)")
+                     help="bind WORD of the prompt to the subject in image PATH (or a .safetensors from encode-subject); "
+                          "repeat a word for several pictures of one subject")
     gen.add_argument("--edge", metavar="PATH", help="condition on the Canny edges of this image")
+    gen.add_argument("--subject-scale", type=float, default=1.0,
+                     help="how strongly the subjects pull the image: 0 text only .. 1 the paper (default) .. 2")
+    gen.add_argument("--edge-strength", type=float, default=1.0, help="0 no edge .. 1 the edge map (default) .. 2")
     gen.add_argument("-n", type=int, default=1, help="number of images (default 1)")
     gen.add_argument("--batch-size", type=int, default=4, help="images per batch; each batch is written as it is "
                                                                 "made (default 4)")
@@ -439,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate_command)
 
     enc = commands.add_parser("encode-subject", help="save a subject's CLIP image embedding for reuse")
-    enc.add_argument("subject", metavar="WORD=IMAGE")
+    enc.add_argument("subject", metavar="WORD=IMAGE", nargs="+", help="one or more pictures of the subject")
     enc.add_argument("--out", required=True, metavar="FILE.safetensors")
     enc.add_argument("--model", help="model folder or Hub id (default as for generate)")
     enc.add_argument("--device")
@@ -496,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_eval.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     tune_eval.set_defaults(func=lambda ns: print(json.dumps(miniworld_finetune_eval(
         ns.out, ns.work, ns.model, ns.oracle, ns.threads)["results"], indent=1)))
+    add_interpolation_commands(commands, world)
     return parser
 
 

@@ -122,6 +122,8 @@ def zero_image_embedding(image_encoder, image_size: int | None = None) -> torch.
     return image_encoder(pixel_values=zeros).image_embeds
 
 
-def edge_embedding(image_processor, image_encoder, image: Image.Image) -> torch.Tensor:
-    """(1, D) CLIP image embedding of the image's Canny edge map (the control token's input)."""
-    return encode_images(image_processor, image_encoder, [canny_edges(image)])
+def edge_embedding(image_processor, image_encoder, image: Image.Image, low: float = 100, high: float = 200,
+                   is_map: bool = False) -> torch.Tensor:
+    """(1, D) CLIP image embedding of the image's Canny edge map (the control token's input); ``is_map``: the
+    image already is an edge map, encoded as is (any mode, made RGB) rather than Canny'd twice."""
+    return encode_images(image_processor, image_encoder, [image if is_map else canny_edges(image, low, high)])

@@ -25,8 +25,10 @@ from .atomic import atomic_path
 from .checks import check_weights_finite, require_finite
 from .conditioning import _word_pattern, interleave_prompts, normalize_subject_word
 from .decoding import SCHEDULERS, decode_image_embeds, decoder_scheduler
-from .encoders import ImageInput, edge_embedding, encode_images, load_image, zero_image_embedding
+from .encoders import ImageInput, edge_embedding, encode_images, load_image, prepare_subject_image, zero_image_embedding
 from .errors import UserError, UserTypeError
+from .controls import check_controls as _check_controls
+from .interpolation import geodesic_combine, layered_scales, normalized_mean, slerp
 from .hub import DEFAULT_DECODER, DEFAULT_ENCODERS, DEFAULT_PRIOR, PRIOR_ONLY_REPOS, TEXT_ONLY_PRIOR  # noqa: F401
 from .prior import LambdaEclipsePrior
 
@@ -82,6 +84,7 @@ def check_inputs(
     output_type: str = "pil",
     pipeline: LambdaEclipsePipeline | None = None,
     names: Mapping[str, str] | None = None,
+    **controls,
 ) -> None:
     """The one validation of generation inputs (the arguments of :meth:`LambdaEclipsePipeline.__call__`).
 
@@ -92,6 +95,8 @@ def check_inputs(
 
     Args:
         names: how messages call an argument (the CLI passes its flags, e.g. ``{"num_inference_steps": "--steps"}``).
+        controls: :meth:`LambdaEclipsePipeline.__call__`'s other keywords (``image_embeds``, ``subject_scale``,
+            ``edge_strength``, ``init_image``, ``strength``, ...), checked by :func:`~.controls.check_controls`.
 
     Raises:
         UserError: one line naming the problem and the fix.
@@ -100,6 +105,11 @@ def check_inputs(
 
     def name(key: str) -> str:
         return names.get(key, key)
+
+    # supplied embeddings and the control knobs (subject scale, edge, img2img)
+    embeds_count = _check_controls(controls, prompt, subjects, edge_image, output_type, pipeline, name)
+    if embeds_count is not None:  # decoding supplied embeddings: no prompt; count the images by the embeddings
+        prompt, subjects, edge_image = ["<image_embeds>"] * embeds_count, None, None
 
     # prompts
     if isinstance(prompt, str):
@@ -130,10 +140,11 @@ def check_inputs(
         if key in seen:
             raise UserError(f"subject word {key!r} is given twice; give each subject word once")
         seen.add(key)
-        if not isinstance(subject, (str, os.PathLike, Image.Image, torch.Tensor)):
-            raise UserTypeError(f"subject {word!r} is a {type(subject).__name__}; give an image path, a PIL image, a "
-                                ".safetensors embedding or a (D,) tensor")
-        _check_not_empty(subject, f"subject {word!r} image")
+        for item in subject if isinstance(subject, (list, tuple)) and subject else [subject]:  # several pictures
+            if not isinstance(item, (str, os.PathLike, Image.Image, torch.Tensor)):
+                raise UserTypeError(f"subject {word!r} is a {type(item).__name__}; give an image path, a PIL image, a "
+                                    ".safetensors embedding, a (D,) tensor, or a list of them")
+            _check_not_empty(item, f"subject {word!r} image")
         # Checked here too (the binding checks it again on tokens) so the CLI fails before loading a model.
         for text in prompts:
             if not _word_pattern(key).search(text.lower()):
@@ -340,7 +351,12 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         return int(self.prior.config.embedding_dim)
 
     def encode_subject(self, subject: SubjectInput, word: str = "subject") -> torch.Tensor:
-        """A subject image (path, PIL image), a saved ``.safetensors`` embedding, or a (D,) tensor -> (D,) embedding."""
+        """A subject image (path, PIL image), a saved ``.safetensors`` embedding, or a (D,) tensor -> (D,) embedding.
+
+        A list of them (several pictures of one subject) -> their normalized mean (:func:`~.interpolation.normalized_mean`).
+        """
+        if isinstance(subject, (list, tuple)):
+            return normalized_mean(torch.stack([self.encode_subject(item, word) for item in subject]))
         if isinstance(subject, torch.Tensor):
             embedding = subject.reshape(-1) if subject.dim() == 2 and subject.shape[0] == 1 else subject
         elif not isinstance(subject, Image.Image) and str(subject).endswith(".safetensors"):
@@ -383,11 +399,12 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         names: Mapping[str, str] | None = None,
+        **controls,
     ) -> None:
         """Validate :meth:`__call__`'s inputs for this model: the module-level :func:`check_inputs` with ``pipeline=self``."""
         # The name resolves to the module-level function: a class body is not an enclosing scope of its methods.
         check_inputs(prompt, subjects, edge_image, num_images_per_prompt, num_inference_steps, guidance_scale, height,
-                     width, scheduler, generator, output_type, pipeline=self, names=names)
+                     width, scheduler, generator, output_type, pipeline=self, names=names, **controls)
 
     # ----------------------------------------------------------------------------------------------- prior
     @torch.no_grad()
@@ -398,38 +415,80 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         edge_image: ImageInput | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        **controls,
     ) -> LambdaEclipsePriorOutput:
-        """Run the prior only: (N, D) image embeddings and their (N, D) zero-image negatives."""
-        self.check_inputs(prompt, subjects, edge_image, num_images_per_prompt, generator=generator, output_type="embeds")
-        return self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator)
+        """Run the prior only: (N, D) image embeddings and their (N, D) zero-image negatives.
 
-    def _prior_embeddings(self, prompt, subjects, edge_image, num_images_per_prompt, generator) -> LambdaEclipsePriorOutput:
-        """:meth:`prior_embeddings` on inputs that :meth:`check_inputs` has passed."""
+        ``controls``: ``subject_scale``, ``edge_is_map``, ``canny_low``, ``canny_high``, ``edge_strength`` as in
+        :meth:`__call__`."""
+        self.check_inputs(prompt, subjects, edge_image, num_images_per_prompt, generator=generator,
+                          output_type="embeds", **controls)
+        return self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator, **controls)
+
+    def _prior_embeddings(self, prompt, subjects, edge_image, num_images_per_prompt, generator, subject_scale=1.0,
+                          edge_is_map=False, canny_low=100, canny_high=200, edge_strength=1.0) -> LambdaEclipsePriorOutput:
+        """:meth:`prior_embeddings` on inputs that :meth:`check_inputs` has passed.
+
+        A subject scale other than 1 runs the prior once per nested set of bound subjects (same noise) and moves from
+        the text-only prediction towards them on the sphere (:func:`~.interpolation.layered_scales`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         count = len(prompts) * num_images_per_prompt
         embeds = {word: self.encode_subject(image, word) for word, image in (subjects or {}).items()}
-        condition = interleave_prompts(self.tokenizer, self.text_encoder, prompts, embeds)
         negative = zero_image_embedding(self.image_encoder).to(self.prior.dtype)
         control = None
         if self.prior.has_control:
             control = negative
             if edge_image is not None:
                 edge = load_image(edge_image, what="edge image")
-                control = edge_embedding(self.image_processor, self.image_encoder, edge).to(self.prior.dtype)
+                control = edge_embedding(self.image_processor, self.image_encoder, edge, canny_low, canny_high,
+                                         edge_is_map).to(self.prior.dtype)
+                if edge_strength != 1:  # 0: no edge (the zero-image embedding); 1: the edge map's embedding
+                    control = slerp(negative, control, edge_strength)
 
         def repeat(x: torch.Tensor) -> torch.Tensor:
             return x.repeat_interleave(num_images_per_prompt, dim=0)
 
         device, dtype = self._execution_device, self.prior.dtype
         noise = randn_tensor((count, self.embedding_dim), generator=generator, device=device, dtype=dtype)
-        predicted = self.prior(
-            hidden_states=noise,
-            proj_embedding=repeat(condition.pooled_text),
-            encoder_hidden_states=repeat(condition.token_states),
-            attention_mask=repeat(condition.attention_mask),
-            control_embedding=None if control is None else control.expand(count, -1),
-        ).predicted_image_embedding
+
+        def predict(bound: dict[str, torch.Tensor]) -> torch.Tensor:
+            condition = interleave_prompts(self.tokenizer, self.text_encoder, prompts, bound)
+            return self.prior(
+                hidden_states=noise,
+                proj_embedding=repeat(condition.pooled_text),
+                encoder_hidden_states=repeat(condition.token_states),
+                attention_mask=repeat(condition.attention_mask),
+                control_embedding=None if control is None else control.expand(count, -1),
+            ).predicted_image_embedding
+
+        words = list(embeds)
+        per_word = subject_scale if isinstance(subject_scale, Mapping) else {}
+        per_word = {normalize_subject_word(w): float(s) for w, s in per_word.items()}
+        default = 1.0 if isinstance(subject_scale, Mapping) else float(subject_scale)
+        scales = [per_word.get(normalize_subject_word(w), default) for w in words]
+        if all(s == 1.0 for s in scales):  # the paper's behaviour: one pass with every subject bound
+            predicted = predict(embeds)
+        else:
+            order, weights = layered_scales(scales)
+            layers = [(j, w) for j, w in enumerate(weights) if w != 0]
+            predicted = predict({})  # text only
+            if layers:
+                targets = [predict({words[i]: embeds[words[i]] for i in order[: j + 1]}) for j, _ in layers]
+                predicted = geodesic_combine(predicted, targets, [w for _, w in layers])
         return LambdaEclipsePriorOutput(image_embeds=predicted, negative_image_embeds=negative.expand(count, -1))
+
+    def _supplied_embeddings(self, image_embeds, negative_image_embeds, num_images_per_prompt) -> LambdaEclipsePriorOutput:
+        """User-supplied (N, D) or (D,) embeddings (and negatives; default the zero-image embedding), repeated per image."""
+        device, dtype = self._execution_device, self.prior.dtype
+        embeds = image_embeds.reshape(-1, image_embeds.shape[-1]).to(device, dtype)
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_image_embeds is None:
+            negative = zero_image_embedding(self.image_encoder).to(dtype).expand(len(embeds), -1)
+        else:
+            negative = negative_image_embeds.reshape(-1, embeds.shape[-1]).to(device, dtype)
+            negative = negative.expand(len(embeds), -1) if len(negative) == 1 else negative.repeat_interleave(
+                num_images_per_prompt, dim=0)
+        return LambdaEclipsePriorOutput(image_embeds=embeds, negative_image_embeds=negative)
 
     # ----------------------------------------------------------------------------------------------- full call
     @property
@@ -439,8 +498,8 @@ class LambdaEclipsePipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        subjects: dict[str, SubjectInput] | None = None,
+        prompt: str | list[str] | None = None,
+        subjects: dict[str, SubjectInput | list[SubjectInput]] | None = None,
         edge_image: ImageInput | None = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int = 50,
@@ -452,14 +511,27 @@ class LambdaEclipsePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        *,
+        image_embeds: torch.Tensor | None = None,
+        negative_image_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        subject_scale: float | Mapping[str, float] = 1.0,
+        edge_is_map: bool = False,
+        canny_low: float = 100,
+        canny_high: float = 200,
+        edge_strength: float = 1.0,
+        init_image: ImageInput | None = None,
+        strength: float = 0.75,
     ) -> LambdaEclipsePipelineOutput | tuple:
         """Generate personalized images.
 
         Args:
             prompt: a prompt or a list of prompts; every subject word must occur in each of them.
-            subjects: subject word -> image (path or PIL), saved ``.safetensors`` embedding, or (D,) tensor.
+            subjects: subject word -> image (path or PIL), saved ``.safetensors`` embedding, (D,) tensor, or a list
+                of them (several pictures of one subject: their normalized mean).
             edge_image: optional picture whose Canny edges condition the prior (λ priors only).
-            num_images_per_prompt: images per prompt.
+            num_images_per_prompt: images per prompt (per supplied embedding with ``image_embeds``).
             num_inference_steps: decoder denoising steps (paper: 50).
             guidance_scale: decoder classifier-free guidance against the zero-image embedding (paper: 7.5).
             height, width: output size, a multiple of the decoder's size step (64 px for Kandinsky 2.2);
@@ -467,26 +539,59 @@ class LambdaEclipsePipeline(DiffusionPipeline):
             scheduler: "ddpm" (what Kandinsky 2.2 ships) or "ddim" (what the paper states); None keeps the loaded one.
             generator: one generator, or one per image (prompts × num_images_per_prompt) for per-image seeds.
             output_type: "pil", "np", "pt", "latent" (decoder latents), or "embeds" (prior only, no decoding).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers, called after each decoder step.
+            image_embeds, negative_image_embeds: (N, D) or (D,) embeddings to decode instead of running the prior
+                (no prompt then); the negative defaults to the zero-image embedding.
+            latents: (N, C, h, w) initial decoder noise, as in diffusers.
+            subject_scale: how strongly the subjects pull the image, 0 (text only) .. 1 (the paper) .. 2, one for all
+                or ``{word: scale}`` (others 1): a move on the sphere from the text-only prediction towards the
+                subject-bound ones.
+            edge_is_map, canny_low, canny_high: ``edge_image`` is an edge map used as is, or a photo Canny'd with these
+                thresholds; edge_strength: 0 (no edge) .. 1 (the edge map's embedding) .. 2, on the sphere.
+            init_image, strength: img2img through diffusers' ``KandinskyV22Img2ImgPipeline`` on the same components;
+                strength in (0, 1] is the share of the denoising steps that run.
 
         Raises:
             UserError: bad inputs (see :func:`check_inputs`), unreadable subject or edge files, a subject word
                 the prompt's tokens do not hold, or a prompt longer than the text encoder takes.
         """
+        controls = dict(subject_scale=subject_scale, edge_is_map=edge_is_map, canny_low=canny_low,
+                        canny_high=canny_high, edge_strength=edge_strength)
         self.check_inputs(prompt, subjects, edge_image, num_images_per_prompt, num_inference_steps, guidance_scale,
-                          height, width, scheduler, generator, output_type)
-        prior = self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator)
+                          height, width, scheduler, generator, output_type, image_embeds=image_embeds,
+                          negative_image_embeds=negative_image_embeds, latents=latents, init_image=init_image,
+                          strength=strength, callback_on_step_end=callback_on_step_end,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **controls)
+        if image_embeds is not None:
+            prior = self._supplied_embeddings(image_embeds, negative_image_embeds, num_images_per_prompt)
+        else:
+            prior = self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator, **controls)
         if output_type == "embeds":
             return LambdaEclipsePipelineOutput(None, prior.image_embeds, prior.negative_image_embeds)
         height, width = self._default_size(height, width)
+        init = None if init_image is None else prepare_subject_image(load_image(init_image, what="init image"))
         decoded = decode_image_embeds(
             self.unet, decoder_scheduler(self.scheduler, scheduler), self.movq, prior.image_embeds,
             prior.negative_image_embeds, height, width, num_inference_steps, guidance_scale, generator, output_type,
-            callback_on_step_end, getattr(self, "_progress_bar_config", {}),
+            callback_on_step_end, getattr(self, "_progress_bar_config", {}), latents=latents,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=init, strength=strength,
         )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (decoded, prior.image_embeds, prior.negative_image_embeds)
         return LambdaEclipsePipelineOutput(decoded, prior.image_embeds, prior.negative_image_embeds)
+
+    def interpolate(self, corners, steps: int = 5, path: str = "slerp", seed: int = 0, **kwargs):
+        """Frames between 2 corners (a line of ``steps``) or 4 (a ``steps × steps`` grid, the paper's Figure 7).
+
+        Each corner is a prompt, a :class:`~lambda_eclipse.interpolation.Corner` (prompt, its own subjects, edge
+        map) or a (D,) embedding; ``path`` "slerp" (default) or "lerp" (the paper's). ``kwargs``: the decoder
+        settings and controls of :meth:`__call__`, ``positions`` and ``batch_size``; see
+        :func:`~lambda_eclipse.interpolation.run_interpolation`. Returns an ``InterpolationOutput``.
+        """
+        from .interpolation import run_interpolation
+
+        return run_interpolation(self, corners, steps, path, seed, **kwargs)
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Missing sizes -> the UNet's native size (sample_size latents × the MoVQ's scale)."""
