@@ -73,8 +73,12 @@ def parse_subjects(specs: list[str]) -> dict[str, str]:
     return subjects
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool = False):
-    """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors."""
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool | str = False):
+    """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors.
+
+    ``low_memory``: False (every component on the device), True ("auto") or a mode of
+    :data:`lambda_eclipse.memory.MODE_CHOICES` (resident, prior-then-decoder, model, sequential, auto).
+    """
     import torch
 
     from .pipeline import LambdaEclipsePipeline
@@ -82,25 +86,27 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     dtypes = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
-    kwargs = {"torch_dtype": dtypes[dtype]} if dtype else {}
     import diffusers
     import transformers
 
     # Loading bars of every component would bury the generation bar and the one-line errors.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        pipe = LambdaEclipsePipeline.from_pretrained(model, **kwargs)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model {model!r} ({first}); give a local model folder or a Hub id you can reach") from None
+
+    def load(name: str, **kwargs):
+        try:
+            return LambdaEclipsePipeline.from_pretrained(name, **kwargs)
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, ImportError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot load model {name!r} ({first}); give a local model folder or a Hub id you can reach") from None
+
     device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if low_memory and device != "cpu":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    from .memory import load_with_memory_mode
+
+    mode = "auto" if low_memory is True else (low_memory or "resident")
+    pipe, _ = load_with_memory_mode(load, model, device, mode, dtypes[dtype])
     return pipe
 
 
@@ -123,7 +129,7 @@ class GenerateArgs:
     out: str = "outputs"
     device: str | None = None
     dtype: str | None = None
-    low_memory: bool = False
+    low_memory: bool | str = False  # False, True (auto) or a memory mode (lambda_eclipse.memory)
     progress: bool = True
 
 
@@ -334,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-    gen.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
+    gen.add_argument("--low-memory", nargs="?", const="auto", default=False, metavar="MODE",
+                     choices=["auto", "resident", "prior-then-decoder", "model", "sequential"],
+                     help="auto (default when given: the fastest that fits the free memory), prior-then-decoder "
+                          "(free the encoders before the decoder loads), model or sequential (GPU offload), resident")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate_command)
 
