@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = args.dtype or ("float16" if gpu else "bfloat16")
     min_free = (args.min_free_gb if args.min_free_gb is not None else 8.0 if name == "cpu-full" else 0.0) * 2**30
     started = time.time()
-    model = str(build_pipeline_folder(Path(args.work) / f"{profile['size']}-{dtype}", profile["size"], getattr(torch, dtype)))
+    model = str(build_pipeline_folder(Path(args.work) / f"{profile['size']}-{dtype}", profile["size"], getattr(torch, dtype),
+                                      args.device if gpu else "cpu"))
     build_s = time.time() - started
     results: dict[str, list] = {s: [] for s in args.sections}
     for section, task, kwargs in plan(args.device, profile, model, dtype, args.sections, args.threads):

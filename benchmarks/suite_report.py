@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-GIB = 2**30
+GB = 1e9  # decimal, as FACTS.md counts bytes
 
 
 def _gib(value) -> str:
-    return "–" if value is None else f"{value / GIB:.2f}"
+    return "–" if value is None else f"{value / GB:.2f}"
 
 
 def _num(value, fmt: str = ".2f") -> str:
@@ -16,7 +16,7 @@ def _num(value, fmt: str = ".2f") -> str:
 def markdown(report: dict) -> str:
     """Tables for every section present in ``report["results"]``; failed measurements show their error."""
     gpu = report["device"].startswith("cuda")
-    mem = "peak VRAM GiB" if gpu else "peak RSS GiB"
+    mem = "peak VRAM GB" if gpu else "peak RSS GB"
     lines = [f"Device: {report['device_name']} ({report['device']}, {report['threads']} threads), profile "
              f"{report['profile']} (model size {report['sizes']['size']}), {report['dtype']}, torch {report['torch']}, "
              f"diffusers {report['diffusers']}, {report['date']}.", ""]
@@ -26,7 +26,7 @@ def markdown(report: dict) -> str:
         return [f"- {row.get(key, '')}: {row['error']}" for row in rows if "error" in row]
 
     if r.get("generation"):
-        lines += ["| memory mode | images | steps | attention | s / image | load s | " + mem + " | RSS after load GiB |",
+        lines += ["| memory mode | images | steps | attention | s / image | load s | " + mem + " | RSS after load GB |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in r["generation"]:
             if "error" in row:

@@ -33,9 +33,9 @@ MODE_CHOICES = MEMORY_MODES + ("auto",)
 PRIOR_STAGE = ("text_encoder", "image_encoder", "prior")
 DECODER_STAGE = ("unet", "movq")
 ACCELERATOR_ONLY = ("model", "sequential")
-# Room left on the device beyond the weights, for activations. Measured on the full-size stack at 512 px, one
-# image, bf16 (benchmarks/results/cpu.json, "generation"): the decoder stage's peak RSS was ~1.4 GB above its
-# weights; 2 GiB covers it with margin. More images per call need more (pass reserve_bytes).
+# Room left beyond the weights, for activations and the runtime. Measured on the full-size stack at 512 px, one
+# image, bf16, on a CPU (benchmarks/results/cpu.json): resident peaked at 9.03 GB RSS over 7.79 GB of weights
+# (+1.24 GB); 2 GiB covers that with margin. More images per call need more (pass reserve_bytes).
 DEFAULT_RESERVE_BYTES = 2 * 1024**3
 
 
