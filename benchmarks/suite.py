@@ -39,21 +39,22 @@ PROFILES = {
     # what each size measures; a CPU's full-size run keeps generation, encoders and the prior at full size and the
     # UNet training step at quick size (full fine-tuning of the 1.25 B UNet needs ~20 GB for weights + AdamW alone)
     "full": dict(size="full", steps=50, images=[1, 4], prior_batches=[1, 64, 512], prior_train_batch=512,
-                 unet_size="full", unet_batch=4, encoder_batch=16),
+                 unet_size="full", unet_batch=4, encoder_batch=16, repeats=3),
     "cpu-full": dict(size="full", steps=2, images=[1], prior_batches=[1, 64], prior_train_batch=64,
-                     unet_size="quick", unet_batch=1, encoder_batch=1),
+                     unet_size="quick", unet_batch=1, encoder_batch=1, repeats=2),
     "quick": dict(size="quick", steps=2, images=[1], prior_batches=[1, 64], prior_train_batch=64,
-                  unet_size="quick", unet_batch=1, encoder_batch=2),
+                  unet_size="quick", unet_batch=1, encoder_batch=2, repeats=3),
     "tiny": dict(size="tiny", steps=2, images=[1], prior_batches=[2], prior_train_batch=8,
-                 unet_size="tiny", unet_batch=1, encoder_batch=1),
+                 unet_size="tiny", unet_batch=1, encoder_batch=1, repeats=1),
 }
 SECTIONS = ("generation", "encoders", "prior_forward", "prior_train", "unet_train")
 
 
 def available_bytes() -> int:
-    import psutil
+    """The host's available RAM (the same reading as ``--low-memory auto`` on a CPU)."""
+    from lambda_eclipse.memory import free_memory_bytes
 
-    return int(psutil.virtual_memory().available)
+    return free_memory_bytes("cpu")
 
 
 def run_task(task: str, kwargs: dict, isolate: bool, kill_below: int) -> dict:
@@ -104,17 +105,19 @@ def plan(device: str, profile: dict, model: str, dtype: str, sections: list[str]
                                                               **variant, **extra)))
     if "encoders" in sections:
         runs.append(("encoders", "encoders", dict(model=model, device=device, dtype=dtype,
-                                                  batch=profile["encoder_batch"], **extra)))
+                                                  batch=profile["encoder_batch"], repeats=profile["repeats"], **extra)))
     if "prior_forward" in sections:
         runs.append(("prior_forward", "prior_forward", dict(size=profile["size"], device=device, dtype="bfloat16",
-                                                            batches=profile["prior_batches"], **extra)))
+                                                            batches=profile["prior_batches"], repeats=profile["repeats"],
+                                                            **extra)))
     if "prior_train" in sections:
         runs.append(("prior_train", "prior_train", dict(size=profile["size"], device=device,
-                                                        batch=profile["prior_train_batch"], **extra)))
+                                                        batch=profile["prior_train_batch"], steps=profile["repeats"],
+                                                        **extra)))
     if "unet_train" in sections:
         for method in ("lora", "full"):
             runs.append(("unet_train", "unet_train", dict(size=profile["unet_size"], device=device, method=method,
-                                                          batch=profile["unet_batch"], **extra)))
+                                                          batch=profile["unet_batch"], steps=profile["repeats"], **extra)))
     return runs
 
 

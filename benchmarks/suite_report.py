@@ -26,16 +26,15 @@ def markdown(report: dict) -> str:
         return [f"- {row.get(key, '')}: {row['error']}" for row in rows if "error" in row]
 
     if r.get("generation"):
-        lines += ["| memory mode | images | steps | attention | s / image | load s | " + mem + " | RSS after load GB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| memory mode | images | steps | attention | s / image | load s | " + mem + " |",
+                  "|---|---|---|---|---|---|---|"]
         for row in r["generation"]:
             if "error" in row:
                 continue
             attention = row["attention"] + (" + compile" if row["compile"] else "")
             peak = row.get("peak_vram_allocated_bytes") if gpu else row["peak_rss_bytes"]
             lines.append(f"| {row['mode']} | {row['images']} | {row['steps']} | {attention} | "
-                         f"{row['seconds_per_image']:.2f} | {row['load_s']:.1f} | {_gib(peak)} | "
-                         f"{_gib(row['rss_after_load_bytes'])} |")
+                         f"{row['seconds_per_image']:.2f} | {row['load_s']:.1f} | {_gib(peak)} |")
         lines += errors(r["generation"], "mode") + [""]
     if r.get("encoders"):
         lines += ["| CLIP-feature stage (image + 2 subject crops + edge map + caption) | batch | records / s | " + mem + " |",
@@ -43,7 +42,7 @@ def markdown(report: dict) -> str:
         for row in r["encoders"]:
             if "error" not in row:
                 peak = row.get("peak_vram_allocated_bytes") if gpu else row["peak_rss_bytes"]
-                lines.append(f"| dataset.features.encode_records | {row['batch']} | {row['records_per_s']:.2f} | {_gib(peak)} |")
+                lines.append(f"| dataset.features.encode_records | {row['batch']} | {row['records_per_s']:.3g} | {_gib(peak)} |")
         lines += errors(r["encoders"], "batch") + [""]
     if r.get("prior_forward"):
         lines += ["| prior forward (bf16) | batch | ours samples / s | released-style samples / s | speedup |",
@@ -73,3 +72,21 @@ def markdown(report: dict) -> str:
                              f"{row['trainable_params'] / 1e6:.1f} M | {row['seconds_per_step']:.2f} | {_gib(peak)} |")
         lines += errors(r["unet_train"], "method") + [""]
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Re-render the tables of a saved report: ``python benchmarks/suite_report.py results/cpu.json``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from lambda_eclipse.atomic import atomic_write
+
+    path = Path(sys.argv[1])
+    text = markdown(json.loads(path.read_text()))
+    atomic_write(path.with_suffix(".md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

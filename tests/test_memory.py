@@ -38,15 +38,15 @@ def test_weight_bytes_come_from_the_configs(saved, tiny_pipe):
         assert sizes[name] == 2 * sum(p.numel() for p in getattr(tiny_pipe, name).parameters()), name
 
 
-def test_prior_then_decoder_frees_the_encoders_and_draws_the_same_images(saved):
+def test_prior_then_decoder_frees_the_encoders_and_draws_the_same_images(saved, tiny_pipe):
     call = dict(num_inference_steps=2, output_type="np")
-    reference = load_pipeline(saved, "cpu")("a dog", generator=torch.Generator().manual_seed(0), **call).images
+    reference = tiny_pipe("a dog", generator=torch.Generator().manual_seed(0), **call).images
     pipe = load_pipeline(saved, "cpu", low_memory="prior-then-decoder")
     assert next(pipe.unet.parameters()).device.type == "meta"  # the decoder is not loaded before the prior ran
     images = pipe("a dog", generator=torch.Generator().manual_seed(0), **call).images
     assert pipe.text_encoder is None and pipe.image_encoder is None and pipe.prior is None
     assert next(pipe.unet.parameters()).device.type == "cpu"
-    assert abs(images - reference).max() == 0
+    assert abs(images - reference).max() < 1e-4  # the saved copy of the same weights, same seed
 
 
 def test_offload_modes_are_refused_on_a_cpu_and_unknown_modes_everywhere(saved):
