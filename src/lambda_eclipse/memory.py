@@ -82,15 +82,18 @@ def empty_component(repo: str, subfolder: str | None, cls: type) -> torch.nn.Mod
 def component_weight_bytes(model: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, int]:
     """Bytes of each weighted component's parameters in ``dtype`` (None: float32), from the configs only."""
     size = torch.finfo(dtype or torch.float32).bits // 8
-    out = {}
-    for name, (repo, subfolder, cls) in component_sources(model).items():
-        try:
-            module = empty_component(repo, subfolder, cls)
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot read the {name} config of {str(model)!r} ({str(error).splitlines()[0]}); "
-                            "give a model folder or Hub id you can reach, or a --low-memory mode other than auto") from None
-        out[name] = sum(p.numel() for p in module.parameters()) * size
-    return out
+    sources = component_sources(model)
+    return {name: sum(p.numel() for p in _empty(name, sources, model).parameters()) * size for name in sources}
+
+
+def _empty(name: str, sources: dict, model: str | os.PathLike) -> torch.nn.Module:
+    """:func:`empty_component` of ``sources[name]``, an unreadable config as a one-line user error."""
+    try:
+        return empty_component(*sources[name])
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read the {name} config of {str(model)!r} ({first}); give a model folder or Hub id "
+                        "you can reach") from None
 
 
 def mode_needs(weight_bytes: Mapping[str, int]) -> dict[str, int]:
@@ -164,12 +167,14 @@ def _load_prior_then_decoder(load, model, device, dtype_kwargs):
     """The encoders and prior loaded on ``device``; the decoder as config-only "meta" modules (so every input
     check and the default size work) whose weights load only after the encoders and prior are freed."""
     sources = component_sources(model)
-    empty = {name: empty_component(*sources[name]) for name in DECODER_STAGE if name in sources}
-    pipe = load(model, **empty, **dtype_kwargs) if (Path(model) / "model_index.json").is_file() else None
-    if pipe is None:  # a prior alone: compose it without a decoder, then attach the decoder's scheduler and shapes
+    if (Path(model) / "model_index.json").is_file():
+        empty = {name: _empty(name, sources, model) for name in DECODER_STAGE if name in sources}
+        pipe = load(model, **empty, **dtype_kwargs)
+    else:  # a prior alone: compose it without a decoder (this checks the model), then attach the decoder's shapes
         from diffusers import DDPMScheduler
 
         pipe = load(model, decoder_repo=None, **dtype_kwargs)
+        empty = {name: _empty(name, sources, model) for name in DECODER_STAGE}
         pipe.register_modules(scheduler=DDPMScheduler.from_pretrained(DEFAULT_DECODER, subfolder="scheduler"), **empty)
     for name in PRIOR_STAGE:
         getattr(pipe, name).to(device)
