@@ -30,7 +30,7 @@ from lambda_eclipse.train.step import interleaved_prior_inputs, prior_step_losse
 DIM, TEXT = 1280, 77
 
 
-def feature_batch(batch: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+def feature_batch(batch: int, seed: int, device: str, dim: int = DIM) -> dict[str, torch.Tensor]:
     """A collated feature batch as the trainer receives it: text padded to the longest caption only."""
     g = torch.Generator().manual_seed(seed)
     lengths = caption_lengths(batch, g)
@@ -43,11 +43,11 @@ def feature_batch(batch: int, seed: int, device: str) -> dict[str, torch.Tensor]
             if start + 1 < lengths[i] - 1:
                 token_subject[i, start] = s
     x = dict(
-        token_states=torch.randn(batch, longest, DIM, generator=g),
+        token_states=torch.randn(batch, longest, dim, generator=g),
         attention_mask=torch.arange(longest)[None] < lengths[:, None],
-        pooled_text=torch.randn(batch, DIM, generator=g), target=torch.randn(batch, DIM, generator=g),
-        subject_embeds=torch.randn(batch, 4, DIM, generator=g), token_subject=token_subject,
-        subject_mask=torch.arange(4)[None] < subjects[:, None], edge=torch.randn(batch, DIM, generator=g),
+        pooled_text=torch.randn(batch, dim, generator=g), target=torch.randn(batch, dim, generator=g),
+        subject_embeds=torch.randn(batch, 4, dim, generator=g), token_subject=token_subject,
+        subject_mask=torch.arange(4)[None] < subjects[:, None], edge=torch.randn(batch, dim, generator=g),
         has_edge=torch.rand(batch, generator=g) < 0.5,
     )
     return {k: v.to(device) for k, v in x.items()}

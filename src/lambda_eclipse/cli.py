@@ -94,8 +94,12 @@ def parse_subjects(specs: list[str]) -> dict[str, str | list[str]]:
     return subjects
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool = False):
-    """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors."""
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool | str = False):
+    """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors.
+
+    ``low_memory``: False (every component on the device), True ("auto") or a mode of
+    :data:`lambda_eclipse.memory.MODE_CHOICES` (resident, prior-then-decoder, model, sequential, auto).
+    """
     import torch
 
     from .checks import resolve_device
@@ -105,25 +109,26 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     if dtype not in dtypes:
         raise UserError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
     resolved = resolve_device(device)  # before loading: a missing GPU is a one-line error, not a late traceback
-    kwargs = {"torch_dtype": dtypes[dtype]} if dtype else {}
     import diffusers
     import transformers
 
     # Loading bars of every component would bury the generation bar and the one-line errors.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        pipe = LambdaEclipsePipeline.from_pretrained(model, **kwargs)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model {model!r} ({first}); give a local model folder or a Hub id you can reach") from None
-    if low_memory and resolved.type != "cpu":
-        pipe.enable_model_cpu_offload(device=resolved)
-    else:
-        # float16 does run on today's CPUs; diffusers' "will fail" warning for it is out of date
-        pipe.to(resolved, silence_dtype_warnings=True)
+
+    def load(name: str, **kwargs):
+        try:
+            return LambdaEclipsePipeline.from_pretrained(name, **kwargs)
+        except UserError:
+            raise
+        except (OSError, ValueError, KeyError, ImportError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot load model {name!r} ({first}); give a local model folder or a Hub id you can reach") from None
+
+    from .memory import load_with_memory_mode
+
+    mode = "auto" if low_memory is True else (low_memory or "resident")
+    pipe, _ = load_with_memory_mode(load, model, resolved, mode, dtypes[dtype])
     return pipe
 
 
@@ -148,7 +153,7 @@ class GenerateArgs:
     out: str = "outputs"
     device: str | None = None
     dtype: str | None = None
-    low_memory: bool = False
+    low_memory: bool | str = False  # False, True (auto) or a memory mode (lambda_eclipse.memory)
     progress: bool = True
     batch_size: int = 4  # images per pipeline call; each batch is written as soon as it is made
     unet: str | None = None  # a fine-tuned decoder UNet folder (finetune-decoder's run folder or its unet/)
@@ -582,7 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     gen.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
-    gen.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
+    gen.add_argument("--low-memory", nargs="?", const="auto", default=False, metavar="MODE",
+                     choices=["auto", "resident", "prior-then-decoder", "model", "sequential"],
+                     help="auto (default when given: the fastest that fits the free memory), prior-then-decoder "
+                          "(free the encoders before the decoder loads), model or sequential (GPU offload), resident")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
     gen.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")

@@ -91,6 +91,16 @@ class TextEncoding:
     pooled: torch.Tensor
 
 
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where a module computes: the execution device of its accelerate offload hook when it is offloaded (its
+    weights then sit on the host, or on "meta" under sequential offload), else the device of its weights."""
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return module.device
+
+
 def text_context_length(tokenizer, text_encoder) -> int:
     """The number of token positions the text encoder takes (77 for CLIP)."""
     return min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
@@ -101,7 +111,7 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> TextEncoding:
     """Tokenize (padded to the context length) and encode prompts with a ``CLIPTextModelWithProjection``."""
     length = text_context_length(tokenizer, text_encoder)
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    device = text_encoder.device
+    device = execution_device(text_encoder)
     out = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
     return TextEncoding(out.last_hidden_state, tokens.attention_mask.to(device).bool(), out.text_embeds)
 
@@ -110,7 +120,7 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> TextEncoding:
 def encode_images(image_processor, image_encoder, images: list[Image.Image]) -> torch.Tensor:
     """(N,) PIL images -> (N, D) projected CLIP image embeddings (``CLIPVisionModelWithProjection.image_embeds``)."""
     pixels = image_processor(images=[prepare_subject_image(i) for i in images], return_tensors="pt").pixel_values
-    return image_encoder(pixel_values=pixels.to(image_encoder.device, image_encoder.dtype)).image_embeds
+    return image_encoder(pixel_values=pixels.to(execution_device(image_encoder), image_encoder.dtype)).image_embeds
 
 
 @torch.no_grad()
@@ -118,7 +128,7 @@ def zero_image_embedding(image_encoder, image_size: int | None = None) -> torch.
     """(1, D) embedding of an all-zero *normalised* pixel tensor: the negative for the decoder's guidance and the
     control embedding when there is no edge map (as the released pipeline and diffusers' Kandinsky prior do)."""
     size = image_size or image_encoder.config.image_size
-    zeros = torch.zeros(1, 3, size, size, device=image_encoder.device, dtype=image_encoder.dtype)
+    zeros = torch.zeros(1, 3, size, size, device=execution_device(image_encoder), dtype=image_encoder.dtype)
     return image_encoder(pixel_values=zeros).image_embeds
 
 

@@ -568,6 +568,9 @@ class LambdaEclipsePipeline(DiffusionPipeline):
             prior = self._prior_embeddings(prompt, subjects, edge_image, num_images_per_prompt, generator, **controls)
         if output_type == "embeds":
             return LambdaEclipsePipelineOutput(None, prior.image_embeds, prior.negative_image_embeds)
+        between_stages = getattr(self, "_between_stages", None)
+        if between_stages is not None:  # a memory mode frees the encoders and prior, loads the decoder (memory.py)
+            between_stages(self)
         height, width = self._default_size(height, width)
         init = None if init_image is None else prepare_subject_image(load_image(init_image, what="init image"))
         decoded = decode_image_embeds(
