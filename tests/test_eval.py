@@ -1,0 +1,143 @@
+"""The evaluation harness on tiny models built from configs and on real DreamBench photos (tests/data/dreambench:
+4 of the 30 subjects, CC-BY-4.0, credits in references_and_licenses.txt)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lambda_eclipse.errors import UserError
+from lambda_eclipse.eval import EvalSpec, GenerationConfig, evaluate
+from lambda_eclipse.eval.metrics import ClipJudge, DinoJudge, Judges, load_judges
+from lambda_eclipse.eval.runner import image_path
+from lambda_eclipse.eval.suites import build_suite
+
+DATA = Path(__file__).parent / "data" / "dreambench"
+SUBJECTS = ("cat", "dog6", "vase", "red_cartoon")
+FAST = GenerationConfig(steps=1, guidance=4.0, images_per_prompt=2, batch_prompts=3)
+
+
+def tiny_judges() -> Judges:
+    from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTImageProcessorPil,
+                              ViTModel)
+
+    from tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                              image_size=32, patch_size=8), add_pooling_layer=True).eval()
+    tokenizer = tiny_tokenizer()
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).eval()
+    return Judges(DinoJudge(dino, ViTImageProcessorPil(size={"height": 32, "width": 32}), "tiny-dino"),
+                  ClipJudge(clip, CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                            tokenizer, "tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def judges():
+    return tiny_judges()
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+def test_metrics_match_a_direct_computation(judges):
+    """DINO is the last layer's CLS token (not the pooler), CLIP the projected embeddings, raw cosines."""
+    images = _images(3)
+    dino, clip = judges.dino, judges.clip
+    pixels = dino.processor(images=images, return_tensors="pt").pixel_values
+    out = dino.model(pixel_values=pixels)
+    expected = F.normalize(out.last_hidden_state[:, 0], dim=-1)
+    assert torch.allclose(dino.embed(images), expected, atol=1e-5)
+    assert not torch.allclose(dino.embed(images), F.normalize(out.pooler_output, dim=-1), atol=1e-2)
+    pixels = clip.processor(images=images, return_tensors="pt").pixel_values
+    direct = F.normalize(clip.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    assert torch.allclose(clip.embed_images(images), direct, atol=1e-5)
+    unprojected = clip.model.vision_model(pixel_values=pixels).pooler_output
+    assert unprojected.shape[-1] != direct.shape[-1]  # the projection is applied (32 -> 16)
+    tokens = clip.tokenizer(["a cat on the beach"], padding=True, return_tensors="pt")
+    text = F.normalize(clip.model.get_text_features(**tokens).pooler_output, dim=-1)
+    assert torch.allclose(clip.embed_texts(["a cat on the beach"]), text, atol=1e-5)
+
+
+def test_judge_that_fails_to_load_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot load the DINO judge"):
+        load_judges(str(tmp_path / "no-such-judge"), None)
+
+
+def _spec(out, **kw) -> EvalSpec:
+    base = dict(suite="dreambench", out=str(out), dataset_dir=str(DATA), subjects=SUBJECTS, limit=3,
+                generation=FAST, progress=False)
+    return EvalSpec(**{**base, **kw})
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+
+
+def test_dreambench_end_to_end_resume_and_shards(tiny_pipe, judges, tmp_path):
+    """--limit on the real photos: images, reports, grids; a rerun makes nothing; 2 shards merge to the same."""
+    spec = _spec(tmp_path / "run", limit=4)  # 4 prompts: cat's 3 batches of <=3 prompts... across 2 subjects
+    done = evaluate(tiny_pipe, spec, judges, "tiny")
+    result = done["result"]
+    assert done["generation"]["made"] == 8 and result["images"] == 8 and result["prompts"] == 4
+    for name in ("metrics.json", "metrics.md", "per_subject.csv", "per_image.csv", "plot.png", "grids/cat.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    md = (tmp_path / "run" / "metrics.md").read_text()
+    assert "paper: λ-ECLIPSE* (Kv2.2, 34M prior, zero-shot) | 0.6130 | 0.7830 | 0.3070" in md
+    overall = result["overall"]["all"]
+    assert set(overall) == {"dino", "clip_i", "clip_t"} and overall["dino"]["n"] == 4
+    assert all(-1 <= v["mean"] <= 1 for v in overall.values())
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["judges"]["clip"] == "tiny-clip"
+    first = _pngs(tmp_path / "run")
+    assert len(first) == 8 and all("cat/p0" in k for k in first)
+    # a rerun generates nothing and scores the same
+    again = evaluate(tiny_pipe, spec, judges, "tiny")
+    assert again["generation"] == {**again["generation"], "made": 0, "skipped": 8}
+    assert again["result"]["overall"] == result["overall"]
+    # two shards into one folder, then one merge (scoring), equal to the unsharded run, image for image
+    shards = tmp_path / "sharded"
+    for rank in (0, 1):
+        evaluate(tiny_pipe, _spec(shards, limit=4, rank=rank, world=2, score=False), None, "tiny")
+    merged = evaluate(tiny_pipe, _spec(shards, limit=4), judges, "tiny")
+    assert merged["generation"]["made"] == 0
+    assert _pngs(shards) == first
+    assert merged["result"]["overall"] == result["overall"]
+
+
+def test_resume_after_a_kill_loses_only_the_batch_in_flight(tiny_pipe, tmp_path, monkeypatch):
+    """A run killed in its second batch keeps the first batch; the rerun makes only what is missing."""
+    import lambda_eclipse.eval.runner as runner
+
+    spec = _spec(tmp_path / "run", limit=4, score=False)
+    real, calls = runner.generate_batch, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_pipe, spec, None, "tiny")
+    monkeypatch.setattr(runner, "generate_batch", real)
+    assert len(_pngs(tmp_path / "run")) == 6  # batch 1: 3 prompts × 2 images
+    done = evaluate(tiny_pipe, spec, None, "tiny")
+    assert done["generation"]["made"] == 2 and done["generation"]["skipped"] == 6
+    names = list(_pngs(tmp_path / "run"))
+    assert len(names) == 8 and not any(n.endswith("-1.png") for n in names)  # none twice
