@@ -141,3 +141,65 @@ def test_resume_after_a_kill_loses_only_the_batch_in_flight(tiny_pipe, tmp_path,
     assert done["generation"]["made"] == 2 and done["generation"]["skipped"] == 6
     names = list(_pngs(tmp_path / "run"))
     assert len(names) == 8 and not any(n.endswith("-1.png") for n in names)  # none twice
+
+
+def test_multibench_and_canny_suites_end_to_end(tiny_pipe, judges, tmp_path):
+    """Multibench prompts bind 2-3 subjects of distinct classes; the Canny suite reports the relative DINO drop."""
+    from lambda_eclipse.eval.suites import multibench
+
+    suite = multibench(DATA, list(SUBJECTS), 1, prompts={2: 2, 3: 1})
+    assert [len(j.subjects) for j in suite.jobs] == [2, 2, 3]
+    for job in suite.jobs:
+        words = [suite.subjects[s].word for s in job.subjects]
+        assert len(set(words)) == len(words) and all(w in job.prompt for w in words)
+        assert suite.subjects[job.subjects[0]].live  # pets take the first slot of these templates
+    result = evaluate(tiny_pipe, EvalSpec("multibench", str(tmp_path / "mb"), generation=FAST, progress=False),
+                      judges, "tiny", suite)["result"]
+    assert set(result["overall"]) == {"all", "2 subjects", "3 subjects"} and result["images"] == 3
+    assert "paper: λ-ECLIPSE, 3 subjects | 0.3420" in (tmp_path / "mb" / "metrics.md").read_text()
+
+    canny = evaluate(tiny_pipe, _spec(tmp_path / "canny", suite="dreambench-canny", limit=2), judges, "tiny")
+    result = canny["result"]
+    assert canny["generation"]["made"] == 2 * (1 + 2 + 2)  # per prompt: edge source, without and with edges
+    assert set(result["overall"]) == {"all", "without edges", "with edges"}
+    d = result["overall"]
+    assert result["dino_drop"] == pytest.approx(1 - d["with edges"]["dino"]["mean"] / d["without edges"]["dino"]["mean"])
+    assert "DINO drop" in (tmp_path / "canny" / "metrics.md").read_text()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny_pipe, tmp_path):
+    from lambda_eclipse.eval.suites import Job
+
+    partial = tmp_path / "partial"
+    (partial / "cat").mkdir(parents=True)
+    shutil.copy(DATA / "cat" / "00.jpg", partial / "cat" / "00.jpg")
+    with pytest.raises(UserError, match="missing subject 'cat'"):
+        build_suite("dreambench", partial, ["cat"])
+    with pytest.raises(UserError, match="unknown suite"):
+        build_suite("dreambench2", DATA)
+    suite = build_suite("dreambench", DATA, ["cat"], 1)
+    suite.jobs[0:1] = [Job("cat/p00", "a kitten on the beach", ("cat",), 1)]
+    with pytest.raises(UserError, match="does not occur in the prompt"):
+        evaluate(tiny_pipe, _spec(tmp_path / "bad", score=False), None, "tiny", suite)
+    assert not (tmp_path / "bad").exists()
+    evaluate(tiny_pipe, _spec(tmp_path / "run", limit=1, score=False), None, "tiny")
+    with pytest.raises(UserError, match="holds a run with another suite .* delete that folder to start fresh"):
+        evaluate(tiny_pipe, _spec(tmp_path / "run", suite="multibench", limit=1, score=False), None, "tiny")
+    with pytest.raises(UserError, match="another generation"):
+        evaluate(tiny_pipe, _spec(tmp_path / "run", limit=1, score=False, generation=GenerationConfig(steps=3)),
+                 None, "tiny")
+
+
+def test_photos_load_upright_with_exif_orientation(tmp_path):
+    """A DreamBench-style photo saved with an EXIF rotation tag is scored upright (as displayed)."""
+    from lambda_eclipse.encoders import load_image
+
+    photo = Image.open(DATA / "dog6" / "00.jpg")
+    rotated = photo.transpose(Image.Transpose.ROTATE_90)  # stored sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with the tag that says "turn it back to display it"
+    rotated.save(tmp_path / "00.jpg", exif=exif)
+    loaded = load_image(tmp_path / "00.jpg")
+    assert loaded.size == photo.size
+    assert abs(torch.tensor(list(loaded.convert("L").getdata()), dtype=torch.float)
+               - torch.tensor(list(photo.convert("L").getdata()), dtype=torch.float)).mean() < 8

@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import UserError
-
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+from . import DEFAULT_CLIP, DEFAULT_DINO
 
 
 def _rgb(images: list[Image.Image]) -> list[Image.Image]:
@@ -85,11 +83,12 @@ class ClipJudge:
 
 
 class MetricPlugin(Protocol):
-    """An extra scorer: ``score(images, job)`` -> ``{metric: value}`` per image (lists of N floats)."""
+    """An extra scorer (the miniature world's concept oracle is one): ``score(images, jobs)`` -> one dict per
+    image, ``{metric: [values]}`` (several values where a metric is per subject or per relation of the image)."""
 
     name: str
 
-    def score(self, images: list[Image.Image], job: Any) -> dict[str, list[float]]: ...
+    def score(self, images: Any, jobs: list[Any]) -> list[dict[str, list[float]]]: ...
 
 
 @dataclass
@@ -138,3 +137,31 @@ def load_judges(dino: str | None = DEFAULT_DINO, clip: str | None = DEFAULT_CLIP
         raise UserError(f"cannot load the {which} judge ({first}); give a Hub id you can reach or a local folder "
                         f"(--judge-{which.lower()})") from None
     return judges
+
+
+@torch.no_grad()
+def vision_tower_features(image_processor, image_encoder, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``CLIPVisionModelWithProjection`` as a judge (the miniature world's own CLIP, no DINO offline):
+    N images -> projected embeddings (N, D) and the unprojected pooled (post-LN CLS) state (N, H), unnormalised.
+    The pooled state, before the projection that aligns it with text, is the closest image-only ("DINO-like")
+    feature such a model has."""
+    pixels = image_processor(images=_rgb(images), return_tensors="pt").pixel_values
+    pooled = image_encoder.vision_model(pixel_values=pixels.to(image_encoder.device, image_encoder.dtype)).pooler_output
+    return image_encoder.visual_projection(pooled).float().cpu(), pooled.float().cpu()
+
+
+def similarity_scores(features: dict[str, torch.Tensor], references: dict[str, list[torch.Tensor]]) -> list[dict[str, list[float]]]:
+    """Per image, the cosine of its features to each of its references.
+
+    Args:
+        features: metric name -> (N, D) features of N images (any scale).
+        references: metric name -> N tensors (R_k, D): image k's references (one row per subject, render, text...).
+    Returns:
+        N dicts ``{metric: [cosine to each reference]}`` (the plug-in row format of :class:`MetricPlugin`).
+    """
+    rows: list[dict[str, list[float]]] = [{} for _ in range(len(next(iter(features.values()))))]
+    for name, feats in features.items():
+        feats = F.normalize(feats.float(), dim=-1)
+        for k, refs in enumerate(references[name]):
+            rows[k][name] = (F.normalize(refs.float(), dim=-1) @ feats[k]).tolist()
+    return rows

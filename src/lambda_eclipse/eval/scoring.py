@@ -41,9 +41,35 @@ def score_images(images: list, job: Job, suite: Suite, judges: Judges, refs: dic
             per = [mean_pairwise_cosine(feats, refs[s]["clip"]) for s in job.subjects]
             scores["clip_i"] = torch.stack(per).mean(0).tolist()
         scores["clip_t"] = (feats @ judges.clip.embed_texts([job.prompt]).T)[:, 0].tolist()
-    for plugin in judges.plugins:
-        scores.update(plugin.score(images, job))
+    for plugin in judges.plugins:  # per-image rows; a metric with several values per image counts by its mean
+        rows = plugin.score(images, [job] * len(images))
+        for metric in dict.fromkeys(m for r in rows for m in r):
+            scores[metric] = [float(np.mean(r[metric])) if r.get(metric) else float("nan") for r in rows]
     return scores
+
+
+class Tally:
+    """metric -> bucket -> values, for reports broken down by bucket ("all" plus e.g. the number of subjects)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, metric: str, bucket: str, value: float) -> None:
+        for b in ("all", bucket):
+            self.values.setdefault(metric, {}).setdefault(b, []).append(float(value))
+
+    def add_rows(self, rows: list[dict[str, list[float]]], buckets: list[str]) -> None:
+        """Plug-in rows (one dict per image, :class:`~lambda_eclipse.eval.metrics.MetricPlugin`) with each
+        image's bucket."""
+        for row, bucket in zip(rows, buckets):
+            for metric, values in row.items():
+                for value in values:
+                    self.add(metric, bucket, value)
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """metric -> bucket -> {"mean", "n"}."""
+        return {m: {b: {"mean": float(np.mean(v)), "n": len(v)} for b, v in sorted(per.items())}
+                for m, per in self.values.items()}
 
 
 def reference_features(suite: Suite, ids: set[str], judges: Judges) -> dict[str, dict[str, torch.Tensor]]:

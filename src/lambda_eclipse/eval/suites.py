@@ -163,16 +163,25 @@ def multibench(dataset_dir: str | Path, subjects: list[str] | None = None, image
     for n, templates in ((2, TWO_SUBJECT), (3, THREE_SUBJECT)):
         seen: set[tuple[str, ...]] = set()
         for k in range(counts.get(n, 0)):
-            template, kinds = templates[k % len(templates)]
-            for _ in range(200):  # draw until a new composition with distinct words fits the slots
-                picks = tuple(rng.choice([s for s in chosen.values() if fits(kind, s)] or [None]) for kind in kinds)
-                if None in picks or len({p.word for p in picks}) < n or (template, *[p.id for p in picks]) in seen:
-                    continue
-                seen.add((template, *[p.id for p in picks]))
-                prompt = _clean(template.format(*[p.word for p in picks]))
-                jobs.append(Job(f"{n}subj/p{k:04d}", prompt, tuple(p.id for p in picks), images_per_prompt,
-                                kind=f"{n} subjects"))
-                break  # (few subjects run out of new compositions: that prompt is left out, the count recorded)
+            job = None
+            for offset in range(len(templates)):  # a template these subjects cannot fill yields to the next
+                template, kinds = templates[(k + offset) % len(templates)]
+                for _ in range(200):  # draw until a new composition with distinct words fits the slots
+                    pools = [[s for s in chosen.values() if fits(kind, s)] for kind in kinds]
+                    if not all(pools):
+                        break
+                    picks = tuple(rng.choice(pool) for pool in pools)
+                    ids = (template, *[p.id for p in picks])
+                    if len({p.word for p in picks}) < n or ids in seen:
+                        continue
+                    seen.add(ids)
+                    job = Job(f"{n}subj/p{k:04d}", _clean(template.format(*[p.word for p in picks])),
+                              tuple(p.id for p in picks), images_per_prompt, kind=f"{n} subjects")
+                    break
+                if job:
+                    break
+            if job:  # (few subjects run out of new compositions: that prompt is left out, the count recorded)
+                jobs.append(job)
     if not jobs:
         raise UserError("these subjects cannot fill the Multibench templates (a pet and objects of distinct classes "
                         "are needed); choose more --subjects")
