@@ -117,6 +117,13 @@ def test_dreambench_end_to_end_resume_and_shards(tiny_pipe, judges, tmp_path):
     assert merged["generation"]["made"] == 0
     assert _pngs(shards) == first
     assert merged["result"]["overall"] == result["overall"]
+    # compare: both runs side by side, one row per kind, and the plot
+    from lambda_eclipse.eval import compare_runs
+
+    table = compare_runs([f"one={tmp_path / 'run'}", f"two={shards}"], tmp_path / "cmp")
+    row = f"{overall['dino']['mean']:.4f} | {overall['clip_i']['mean']:.4f} | {overall['clip_t']['mean']:.4f} | 8 |"
+    assert f"| one | all | `tiny` | {row}" in table and f"| two | all | `tiny` | {row}" in table
+    assert (tmp_path / "cmp" / "compare.png").is_file()
 
 
 def test_resume_after_a_kill_loses_only_the_batch_in_flight(tiny_pipe, tmp_path, monkeypatch):
@@ -203,3 +210,29 @@ def test_photos_load_upright_with_exif_orientation(tmp_path):
     assert loaded.size == photo.size
     assert abs(torch.tensor(list(loaded.convert("L").getdata()), dtype=torch.float)
                - torch.tensor(list(photo.convert("L").getdata()), dtype=torch.float)).mean() < 8
+
+
+def test_cli_evaluate_end_to_end_and_errors(tiny_pipe, judges, tmp_path, capsys):
+    """`lambda-eclipse evaluate dreambench` with judges and model from folders; bad input exits 2 in one line."""
+    from lambda_eclipse.cli import main
+
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    for part, folder in ((judges.dino.model, "dino"), (judges.dino.processor, "dino"), (judges.clip.model, "clip"),
+                         (judges.clip.processor, "clip"), (judges.clip.tokenizer, "clip")):
+        part.save_pretrained(tmp_path / folder)
+    base = ["evaluate", "dreambench", "--model", str(tmp_path / "model"), "--dataset-dir", str(DATA),
+            "--subjects", "red_cartoon", "--steps", "1", "-n", "1", "--quiet", "--judge-dino", str(tmp_path / "dino"),
+            "--judge-clip", str(tmp_path / "clip"), "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "run"), "--limit", "2"]) == 0
+    assert "2 images made" in capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result["prompts"] == 2 and result["judges"]["dino"] == str(tmp_path / "dino")
+    for bad, message in (
+        (["--out", str(tmp_path / "x"), "--judge-dino", str(tmp_path / "nope")], "cannot load the DINO judge"),
+        (["--out", str(tmp_path / "x"), "--subjects", "teapot"], "missing subject 'teapot'"),
+        (["--out", str(tmp_path / "x"), "--shard", "2/2"], "--shard '2/2'"),
+    ):
+        assert main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

@@ -78,6 +78,11 @@ def evaluate(pipe, spec: EvalSpec, judges: Judges | None, model: str = "", suite
     check_jobs(pipe, suite, jobs, spec.generation)
     if spec.score and judges is None:
         raise UserError("scoring needs judges; load them (load_judges) or pass score=False")
+    if spec.score:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("the reports' plots need matplotlib; pip install 'lambda-eclipse[eval]'")
     out = open_run(spec.out, run_identity(suite, spec.generation, model))
     pipe.set_progress_bar_config(disable=True)
     made = generate_suite(pipe, suite, out, spec.generation, model, spec.rank, spec.world, jobs, spec.progress)
