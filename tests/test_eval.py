@@ -236,3 +236,19 @@ def test_cli_evaluate_end_to_end_and_errors(tiny_pipe, judges, tmp_path, capsys)
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_reads_miniworld_runs_with_their_lambda_sweep(tmp_path):
+    """The shipped miniworld report compares as one row per condition and per swept prior (Table 6's sweep)."""
+    from lambda_eclipse.eval import compare_runs
+
+    docs = Path(__file__).parents[1] / "docs" / "miniworld-eval"
+    m = json.loads((docs / "metrics.json").read_text())
+    table = compare_runs([f"shipped={docs}"], tmp_path)
+    sweep = m["lambda_sweep"]["λ=0.5"]["metrics"]
+    row = next(line for line in table.splitlines() if "with_subjects λ=0.5" in line)
+    assert f"{sweep['dino_subject']['all']['mean']:.4f} | {sweep['clip_i_subject']['all']['mean']:.4f} | " \
+           f"{sweep['clip_t']['all']['mean']:.4f} | {sweep['colour']['all']['mean']:.4f}" in row
+    assert (tmp_path / "compare.png").is_file()
+    with pytest.raises(UserError, match="holds no scored run"):
+        compare_runs([str(docs), str(tmp_path)])
