@@ -318,6 +318,12 @@ def _evaluate_command(ns: argparse.Namespace) -> None:
     from .eval import EvalSpec, GenerationConfig
 
     rank, world = parse_shard(ns.shard)
+    if (ns.dataset_dir is None) == (ns.download is None):
+        raise UserError("give one of --dataset-dir (a local copy of DreamBench) or --download CACHE_DIR")
+    if ns.download:
+        from .eval.suites import download_dreambench
+
+        ns.dataset_dir = str(download_dreambench(ns.download))
     generation = GenerationConfig(steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler,
                                   images_per_prompt=ns.images_per_prompt, seed=ns.seed, height=ns.height,
                                   width=ns.width, batch_prompts=ns.batch)
@@ -347,8 +353,9 @@ def add_evaluate_parser(commands) -> None:
         p.add_argument("--model", help="model folder or Hub id (default as for generate)")
         p.add_argument("--out", required=True, help="run folder; rerun to resume (images, metrics.json, metrics.md, "
                                                     "per_subject.csv, plot.png, grids/)")
-        p.add_argument("--dataset-dir", required=True, help="a copy of DreamBench's dataset/ folder "
-                                                            "(github.com/google/dreambooth)")
+        p.add_argument("--dataset-dir", help="a copy of DreamBench's dataset/ folder (github.com/google/dreambooth)")
+        p.add_argument("--download", metavar="CACHE_DIR", help="instead: clone DreamBench's public repository into "
+                                                               "CACHE_DIR once (needs git and the network)")
         p.add_argument("--subjects", help="comma-separated subject ids (default all 30)")
         p.add_argument("--limit", type=int, help="only the first N prompts (a quick pass; rerun without to complete)")
         p.add_argument("--steps", type=int, default=50, help="decoder steps (default 50, the paper's)")

@@ -98,6 +98,33 @@ def load_protocol() -> dict:
     return json.loads(PROTOCOL.read_text())
 
 
+DREAMBENCH_REPO = "https://github.com/google/dreambooth"
+
+
+def download_dreambench(cache_dir: str | Path) -> Path:
+    """Clone DreamBench's public repository (``git``, shallow) into ``cache_dir`` once; returns its dataset/ folder.
+    The clone lands under a temporary name and is moved into place whole, so an interrupted download leaves nothing."""
+    import shutil
+    import subprocess
+
+    from ..atomic import atomic_dir
+
+    target = Path(cache_dir) / "dreambooth"
+    if not (target / "dataset").is_dir():
+        if shutil.which("git") is None:
+            raise UserError(f"--download needs git on PATH; or clone {DREAMBENCH_REPO} yourself and give --dataset-dir")
+        with atomic_dir(target) as temporary:
+            done = subprocess.run(["git", "clone", "--depth", "1", DREAMBENCH_REPO, str(temporary / "repo")],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["git failed"])[-1]
+                raise UserError(f"cannot download DreamBench from {DREAMBENCH_REPO} ({last}); give --dataset-dir")
+            for item in (temporary / "repo").iterdir():
+                item.rename(temporary / item.name)
+            (temporary / "repo").rmdir()
+    return target / "dataset"
+
+
 def dreambench_subjects(dataset_dir: str | Path, ids: list[str] | None = None) -> dict[str, Subject]:
     """The DreamBench subjects (all, or ``ids``) from a copy of the dataset folder; every picture must exist."""
     protocol = load_protocol()
