@@ -15,6 +15,7 @@ A job is one (subjects, prompt) pair; its key names its images, so reruns and sh
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -188,27 +189,22 @@ def multibench(dataset_dir: str | Path, subjects: list[str] | None = None, image
 
     jobs: list[Job] = []
     for n, templates in ((2, TWO_SUBJECT), (3, THREE_SUBJECT)):
-        seen: set[tuple[str, ...]] = set()
-        for k in range(counts.get(n, 0)):
-            job = None
-            for offset in range(len(templates)):  # a template these subjects cannot fill yields to the next
-                template, kinds = templates[(k + offset) % len(templates)]
-                for _ in range(200):  # draw until a new composition with distinct words fits the slots
-                    pools = [[s for s in chosen.values() if fits(kind, s)] for kind in kinds]
-                    if not all(pools):
-                        break
-                    picks = tuple(rng.choice(pool) for pool in pools)
-                    ids = (template, *[p.id for p in picks])
-                    if len({p.word for p in picks}) < n or ids in seen:
-                        continue
-                    seen.add(ids)
-                    job = Job(f"{n}subj/p{k:04d}", _clean(template.format(*[p.word for p in picks])),
-                              tuple(p.id for p in picks), images_per_prompt, kind=f"{n} subjects")
-                    break
-                if job:
-                    break
-            if job:  # (few subjects run out of new compositions: that prompt is left out, the count recorded)
-                jobs.append(job)
+        # every composition each template admits (distinct subjects of distinct classes, slot kinds respected),
+        # shuffled once, then taken round-robin over the templates until the count is reached or all are used
+        options = []
+        for template, kinds in templates:
+            pools = [[s for s in chosen.values() if fits(kind, s)] for kind in kinds]
+            combos = [c for c in itertools.product(*pools) if len({p.word for p in c}) == n]
+            rng.shuffle(combos)
+            options.append((template, combos))
+        k = 0
+        while k < counts.get(n, 0) and any(combos for _, combos in options):
+            for template, combos in options:
+                if combos and k < counts.get(n, 0):
+                    picks = combos.pop()
+                    jobs.append(Job(f"{n}subj/p{k:04d}", _clean(template.format(*[p.word for p in picks])),
+                                    tuple(p.id for p in picks), images_per_prompt, kind=f"{n} subjects"))
+                    k += 1
     if not jobs:
         raise UserError("these subjects cannot fill the Multibench templates (a pet and objects of distinct classes "
                         "are needed); choose more --subjects")
