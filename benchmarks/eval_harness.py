@@ -61,18 +61,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8, help="prompts per call of the harness")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from lambda_eclipse import LambdaEclipsePipeline
 
-    pipe = LambdaEclipsePipeline.from_pretrained(args.model).to(args.device)
+    pipe = LambdaEclipsePipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     suite = mini_suite(args.prompts, args.images)
     cfg = GenerationConfig(steps=args.steps, guidance=4.0, images_per_prompt=args.images, batch_prompts=args.batch)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     n = len(suite.jobs) * args.images
-    print(f"device={args.device} threads={torch.get_num_threads()} model={args.model} prompts={len(suite.jobs)} "
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} model={args.model} prompts={len(suite.jobs)} "
           f"images={n} steps={args.steps} batch={args.batch}")
     with tempfile.TemporaryDirectory() as tmp:
         generate_suite(pipe, mini_suite(1, 1), Path(tmp) / "warm", cfg, progress=False)  # warm-up

@@ -105,6 +105,10 @@ def test_dreambench_end_to_end_resume_and_shards(tiny_pipe, judges, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["judges"]["clip"] == "tiny-clip"
     first = _pngs(tmp_path / "run")
     assert len(first) == 8 and all("cat/p0" in k for k in first)
+    native = tiny_pipe.unet.config.sample_size * tiny_pipe.movq_scale_factor
+    assert Image.open(tmp_path / "run" / next(iter(first))).size == (native, native)
+    # the grid: the subject picture and 2 images per row, one row (with its caption) per prompt
+    assert Image.open(tmp_path / "run" / "grids" / "cat.png").size == (3 * 132, 4 * 146)
     # a rerun generates nothing and scores the same
     again = evaluate(tiny_pipe, spec, judges, "tiny")
     assert again["generation"] == {**again["generation"], "made": 0, "skipped": 8}
@@ -252,3 +256,13 @@ def test_compare_reads_miniworld_runs_with_their_lambda_sweep(tmp_path):
     assert (tmp_path / "compare.png").is_file()
     with pytest.raises(UserError, match="holds no scored run"):
         compare_runs([str(docs), str(tmp_path)])
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared" / "reference" / "dreambench").is_dir(),
+                    reason="the full DreamBench copy lives outside the repository")
+def test_full_dreambench_protocol():
+    """With the whole dataset: 30 subjects, 158 pictures, 750 prompts (3,000 images at 4 per prompt)."""
+    suite = build_suite("dreambench", Path(__file__).parents[2] / "shared" / "reference" / "dreambench")
+    assert len(suite.subjects) == 30 and sum(len(s.images) for s in suite.subjects.values()) == 158
+    assert len(suite.jobs) == 750 and sum(j.images for j in suite.jobs) == 3000
+    assert suite.jobs[0].prompt == "a backpack in the jungle"
