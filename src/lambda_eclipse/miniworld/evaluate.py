@@ -18,6 +18,11 @@ mean embedding bypasses the prior and carries exactly the subject images and not
 ``with_subjects`` is what the text adds. It is rescaled to the subjects' mean norm to stay in the decoder's range.
 
 An optional λ sweep (``priors``) reruns ``with_subjects`` with other priors swapped in (the paper's Table 6).
+
+Scoring goes through the evaluation harness: the concept oracle is a metric plug-in
+(:class:`~lambda_eclipse.miniworld.oracle_metric.OracleMetric`), the cosines and their tally are
+:mod:`lambda_eclipse.eval`'s; this module only makes the scenes, the conditions and the images.
+`lambda-eclipse evaluate miniworld` (or `miniworld eval`) runs it.
 """
 
 from __future__ import annotations
