@@ -67,7 +67,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from lambda_eclipse import LambdaEclipsePipeline
 
-    pipe = LambdaEclipsePipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    dtype = {} if args.dtype == "float32" else {"torch_dtype": getattr(torch, args.dtype)}
+    pipe = LambdaEclipsePipeline.from_pretrained(args.model, **dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     suite = mini_suite(args.prompts, args.images)
     cfg = GenerationConfig(steps=args.steps, guidance=4.0, images_per_prompt=args.images, batch_prompts=args.batch)
