@@ -471,6 +471,135 @@ def parse_priors(specs: list[str]) -> dict[str, str]:
     return priors
 
 
+# ---------------------------------------------------------------------------------------------------- evaluate
+def load_eval_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool = False):
+    """The pipeline `evaluate` scores: :func:`load_pipeline`; options that change the model (a fine-tuned UNet,
+    a LoRA) are applied here, so every suite sees the same assembled model."""
+    return load_pipeline(model, device, dtype, low_memory)
+
+
+def evaluate_suite(spec, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                   low_memory: bool = False) -> dict:
+    """`lambda-eclipse evaluate SUITE`: generate this process's shard (``accelerate launch`` sets rank and world),
+    then, on the main process once every shard is done, score the whole run and write the reports.
+
+    ``spec`` is a :class:`lambda_eclipse.eval.EvalSpec`. Judges load before any image is made (a judge that fails
+    to load fails first). Returns :func:`lambda_eclipse.eval.evaluate`'s result (of the scoring call, if any).
+    """
+    from dataclasses import replace
+
+    from accelerate import PartialState
+
+    from .eval import evaluate, load_judges
+    from .eval.suites import build_suite
+
+    state = PartialState()
+    if spec.world == 1 and state.num_processes > 1:
+        spec = replace(spec, rank=state.process_index, world=state.num_processes)
+    score = spec.score  # False for a --shard slice: its run is scored by a later run without --shard
+    suite = build_suite(spec.suite, spec.dataset_dir, list(spec.subjects) if spec.subjects else None,
+                        spec.generation.images_per_prompt)
+    judge_device = device or str(state.device)
+    judges = load_judges(spec.judge_dino, spec.judge_clip, judge_device) if score and state.is_main_process else None
+    model = model or default_model()
+    pipe = load_eval_pipeline(model, device or str(state.device), dtype, low_memory)
+    done = evaluate(pipe, replace(spec, score=False), None, model, suite)
+    state.wait_for_everyone()
+    if score and state.is_main_process:  # the merge: every shard's images are there; generates nothing new
+        done = {**evaluate(pipe, replace(spec, rank=0, world=1), judges, model, suite), "generation": done["generation"]}
+    return done
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'R/W' -> (rank, world); None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    rank, sep, world = text.partition("/")
+    if not sep or not rank.isdigit() or not world.isdigit() or int(world) < 1 or int(rank) >= int(world):
+        raise UserError(f"--shard {text!r}: write RANK/WORLD with 0 <= RANK < WORLD, e.g. --shard 0/2")
+    return int(rank), int(world)
+
+
+def _evaluate_command(ns: argparse.Namespace) -> None:
+    if ns.suite == "compare":
+        from .eval.compare import compare_runs
+
+        print(compare_runs(ns.runs, ns.out), end="")
+        return
+    if ns.suite == "miniworld":
+        eval_command(ns)
+        return
+    from .eval import EvalSpec, GenerationConfig
+
+    rank, world = parse_shard(ns.shard)
+    if (ns.dataset_dir is None) == (ns.download is None):
+        raise UserError("give one of --dataset-dir (a local copy of DreamBench) or --download CACHE_DIR")
+    if ns.download:
+        from .eval.suites import download_dreambench
+
+        ns.dataset_dir = str(download_dreambench(ns.download))
+    generation = GenerationConfig(steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler,
+                                  images_per_prompt=ns.images_per_prompt, seed=ns.seed, height=ns.height,
+                                  width=ns.width, batch_prompts=ns.batch)
+    subjects = tuple(s.strip() for s in ns.subjects.split(",") if s.strip()) if ns.subjects else None
+    spec = EvalSpec(ns.suite, ns.out, ns.dataset_dir, subjects, ns.limit, generation, ns.judge_dino, ns.judge_clip,
+                    rank, world, score=not ns.no_score and world == 1, progress=not ns.quiet)
+    if ns.threads:
+        import torch
+
+        torch.set_num_threads(ns.threads)
+    done = evaluate_suite(spec, ns.model, ns.device, ns.dtype, ns.low_memory)
+    g = done["generation"]
+    print(f"{g['made']} images made, {g['skipped']} found, in {g['seconds']:.1f} s")
+    print(Path(ns.out) / "metrics.md" if done.get("result") else f"{ns.out} (not scored: run without --shard/--no-score to score)")
+
+
+def add_evaluate_parser(commands) -> None:
+    """`lambda-eclipse evaluate SUITE ...` and `lambda-eclipse evaluate compare RUN...`."""
+    from .eval import DEFAULT_CLIP, DEFAULT_DINO
+
+    suites = commands.add_parser("evaluate", help="the paper's benchmarks: generate, score, report; compare runs"
+                                 ).add_subparsers(dest="suite", required=True, parser_class=_Parser)
+    for name, text in (("dreambench", "DreamBench: 30 subjects × 25 prompts (Table 2)"),
+                       ("multibench", "2- and 3-subject prompts from the paper's templates (Table 4)"),
+                       ("dreambench-canny", "DreamBench under Canny edges of subject-free images (Table 5)")):
+        p = suites.add_parser(name, help=text)
+        p.add_argument("--model", help="model folder or Hub id (default as for generate)")
+        p.add_argument("--out", required=True, help="run folder; rerun to resume (images, metrics.json, metrics.md, "
+                                                    "per_subject.csv, plot.png, grids/)")
+        p.add_argument("--dataset-dir", help="a copy of DreamBench's dataset/ folder (github.com/google/dreambooth)")
+        p.add_argument("--download", metavar="CACHE_DIR", help="instead: clone DreamBench's public repository into "
+                                                               "CACHE_DIR once (needs git and the network)")
+        p.add_argument("--subjects", help="comma-separated subject ids (default all 30)")
+        p.add_argument("--limit", type=int, help="only the first N prompts (a quick pass; rerun without to complete)")
+        p.add_argument("--steps", type=int, default=50, help="decoder steps (default 50, the paper's)")
+        p.add_argument("--guidance", type=float, default=7.5, help="decoder guidance (default 7.5, the paper's)")
+        p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim", help="decoder scheduler (default ddim)")
+        p.add_argument("-n", "--images-per-prompt", type=int, default=4, help="images per prompt (default 4)")
+        p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed+j (default 0)")
+        p.add_argument("--height", type=int)
+        p.add_argument("--width", type=int)
+        p.add_argument("--batch", type=int, default=8, help="prompts per pipeline call (default 8)")
+        p.add_argument("--judge-dino", default=DEFAULT_DINO, help=f"DINO judge, Hub id or folder (default {DEFAULT_DINO})")
+        p.add_argument("--judge-clip", default=DEFAULT_CLIP, help=f"CLIP judge for CLIP-I/CLIP-T (default {DEFAULT_CLIP})")
+        p.add_argument("--shard", metavar="RANK/WORLD", help="generate only this slice (accelerate launch sets it); "
+                                                             "score afterwards with a run without --shard")
+        p.add_argument("--no-score", action="store_true", help="generate only")
+        p.add_argument("--device", help="cuda, mps or cpu (default: the best available, per rank)")
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
+        p.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
+        p.add_argument("--threads", type=int, help="torch CPU threads")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    world = suites.add_parser("miniworld", help="the miniature world's evaluation (concept oracle plug-in)")
+    add_eval_arguments(world)
+    compare = suites.add_parser("compare", help="several scored runs side by side (table and plot)")
+    compare.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="run folders written by evaluate")
+    compare.add_argument("--out", help="also write compare.md and compare.png here")
+    suites.required = True
+    for p in suites.choices.values():
+        p.set_defaults(func=_evaluate_command)
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def add_eval_arguments(parser: argparse.ArgumentParser, model: str = str(BUNDLED_MODEL),
                        oracle: str = str(BUNDLED_ORACLE)) -> None:
@@ -656,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_eval.set_defaults(func=lambda ns: print(json.dumps(miniworld_finetune_eval(
         ns.out, ns.work, ns.model, ns.oracle, ns.threads)["results"], indent=1)))
     add_interpolation_commands(commands, world)
+    add_evaluate_parser(commands)
     return parser
 
 

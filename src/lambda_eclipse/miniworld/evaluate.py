@@ -18,6 +18,11 @@ mean embedding bypasses the prior and carries exactly the subject images and not
 ``with_subjects`` is what the text adds. It is rescaled to the subjects' mean norm to stay in the decoder's range.
 
 An optional λ sweep (``priors``) reruns ``with_subjects`` with other priors swapped in (the paper's Table 6).
+
+Scoring goes through the evaluation harness: the concept oracle is a metric plug-in
+(:class:`~lambda_eclipse.miniworld.oracle_metric.OracleMetric`), the cosines and their tally are
+:mod:`lambda_eclipse.eval`'s; this module only makes the scenes, the conditions and the images.
+`lambda-eclipse evaluate miniworld` (or `miniworld eval`) runs it.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_write
-from ..encoders import encode_text, prepare_subject_image, zero_image_embedding
+from ..encoders import encode_text, zero_image_embedding
 from ..errors import UserError
+from ..eval.metrics import similarity_scores, vision_tower_features
+from ..eval.scoring import Tally
 from .oracle import Oracle, SceneReading, load_oracle, score_readings
+from .oracle_metric import OracleMetric
 from .scenes import Scene, iter_scenes
 
 CONDITIONS = ("render", "gt_embedding", "text_only", "with_subjects", "image_only")
@@ -78,15 +85,10 @@ def _pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(i) for i in images]
 
 
-@torch.no_grad()
 def clip_features(pipe, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) images -> projected CLIP image embeddings (N, D) and the unprojected pooled (post-LN CLS) state
-    (N, H). The latter is the DINO-like feature: no DINO model is available offline, and the vision tower's own
-    CLS state, before the projection that aligns it with text, is the closest image-only feature we have."""
-    pixels = pipe.image_processor(images=[prepare_subject_image(i) for i in images], return_tensors="pt").pixel_values
-    encoder = pipe.image_encoder
-    pooled = encoder.vision_model(pixel_values=pixels.to(encoder.device, encoder.dtype)).pooler_output
-    return encoder.visual_projection(pooled).float().cpu(), pooled.float().cpu()
+    """(N,) images -> (projected CLIP embeddings (N, D), "DINO-like" pooled states (N, H)) from the pipeline's own
+    CLIP vision tower (no DINO model offline): the harness's judge for such a model."""
+    return vision_tower_features(pipe.image_processor, pipe.image_encoder, images)
 
 
 def _seeds(cfg: EvalConfig, n_prompts: int, stream: int) -> list[int]:
@@ -145,65 +147,29 @@ def decode(pipe, embeds: torch.Tensor, cfg: EvalConfig, size: int) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-class _Tally:
-    """metric -> bucket -> list of 0/1 or similarity values."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, dict[str, list[float]]] = {}
-
-    def add(self, metric: str, bucket: str, value: float) -> None:
-        for b in ("all", bucket):
-            self.values.setdefault(metric, {}).setdefault(b, []).append(float(value))
-
-    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
-        """metric -> bucket -> {"mean", "n"}."""
-        return {m: {b: {"mean": float(np.mean(v)), "n": len(v)} for b, v in sorted(per.items())}
-                for m, per in self.values.items()}
-
-
 def score_condition(
     readings: list[SceneReading], feats: tuple[torch.Tensor, torch.Tensor], scenes: list[Scene], ipp: int,
     render_feats: tuple[torch.Tensor, torch.Tensor], crop_feats: list[tuple[torch.Tensor, torch.Tensor]],
     text_free: torch.Tensor, text_full: torch.Tensor,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Concept and composition metrics of N·ipp images (image k shows scene k // ipp), by number of subjects.
-
-    Concept metrics are strict: a subject counts as right only if the oracle finds its shape (presence ≥ 0.5)
-    *and* reads the subject's colour (texture). Relations need both shapes found. Similarities are cosines;
-    ``feats``/``render_feats``/``crop_feats`` are (projected, pooled) pairs; text features are projected (N, D).
-    """
-    t = _Tally()
-    proj, pool = F.normalize(feats[0], dim=-1), F.normalize(feats[1], dim=-1)
-    r_proj, r_pool = F.normalize(render_feats[0], dim=-1), F.normalize(render_feats[1], dim=-1)
-    tf, tfull = F.normalize(text_free.float(), dim=-1), F.normalize(text_full.float(), dim=-1)
-    for k, reading in enumerate(readings):
-        s = k // ipp
-        scene, b = scenes[s], str(len(scenes[s].objects))
-        colours_right = []
-        for o_idx, obj in enumerate(scene.objects):
-            r = reading.shapes[obj.shape]
-            found = r.present >= 0.5
-            colours_right.append(found and r.colour == obj.colour)
-            t.add("subject_found", b, found)
-            t.add("colour", b, colours_right[-1])
-            t.add("texture", b, found and r.texture == obj.texture)
-            t.add("colour_and_texture", b, found and r.colour == obj.colour and r.texture == obj.texture)
-            c_proj, c_pool = (F.normalize(x[o_idx], dim=-1) for x in crop_feats[s])
-            t.add("clip_i_subject", b, float(proj[k] @ c_proj))
-            t.add("dino_subject", b, float(pool[k] @ c_pool))
-        if len(scene.objects) > 1:
-            t.add("all_colours_right", b, all(colours_right))
-        t.add("clip_i_render", b, float(proj[k] @ r_proj[s]))
-        t.add("dino_render", b, float(pool[k] @ r_pool[s]))
-        t.add("background_colour", b, reading.background_colour == scene.background_colour)
-        t.add("background_kind", b, reading.background_kind == scene.background_kind)
-        for i, rel, j in scene.relations:
-            a, c = scene.objects[i].shape, scene.objects[j].shape
-            both = reading.shapes[a].present >= 0.5 and reading.shapes[c].present >= 0.5
-            t.add("relation", b, both and reading.relation(a, c) == rel)
-        t.add("clip_t", b, float(proj[k] @ tf[s]))
-        t.add("clip_t_full_caption", b, float(proj[k] @ tfull[s]))
-    return t.summary()
+    """Metrics of N·ipp images (image k shows scene k // ipp) by number of subjects: the oracle plug-in's concept
+    and composition rows, and the harness's cosines to each image's subject crops, render and captions.
+    ``feats``/``render_feats``/``crop_feats`` are (projected, pooled) pairs; text features are projected (N, D)."""
+    shown = [scenes[k // ipp] for k in range(len(readings))]
+    tally = Tally()
+    buckets = [str(len(s.objects)) for s in shown]
+    tally.add_rows(OracleMetric.rows(readings, shown), buckets)
+    index = [k // ipp for k in range(len(readings))]
+    features = {"clip_i_subject": feats[0], "dino_subject": feats[1], "clip_i_render": feats[0],
+                "dino_render": feats[1], "clip_t": feats[0], "clip_t_full_caption": feats[0]}
+    references = {
+        "clip_i_subject": [crop_feats[s][0] for s in index], "dino_subject": [crop_feats[s][1] for s in index],
+        "clip_i_render": [render_feats[0][s : s + 1] for s in index],
+        "dino_render": [render_feats[1][s : s + 1] for s in index],
+        "clip_t": [text_free[s : s + 1] for s in index], "clip_t_full_caption": [text_full[s : s + 1] for s in index],
+    }
+    tally.add_rows(similarity_scores(features, references), buckets)
+    return tally.summary()
 
 
 # ------------------------------------------------------------------------------------------------ the run
