@@ -121,13 +121,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     return value
 
 
-def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls, values: dict[str, Any], prefix: str = "", command: str = "train-prior") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         name = prefix + sorted(unknown)[0]
-        raise UserError(f"unknown config key {name!r}; see `lambda-eclipse train-prior --help-config`")
+        raise UserError(f"unknown config key {name!r}; see `lambda-eclipse {command} --help-config`")
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
@@ -136,7 +136,7 @@ def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise UserError(f"config section {prefix + f.name!r} must be a mapping")
-            kwargs[f.name] = _build(kind, value, prefix + f.name + ".")
+            kwargs[f.name] = _build(kind, value, prefix + f.name + ".", command)
         else:
             kwargs[f.name] = _coerce(value, kind, prefix + f.name)
     return cls(**kwargs)
@@ -144,6 +144,17 @@ def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> TrainConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides and keyword overrides, and validate it."""
+    values = read_values(path, overrides)
+    for key, value in top.items():
+        if value is not None:
+            values[key] = value
+    config = _build(TrainConfig, values)
+    validate(config)
+    return config
+
+
+def read_values(path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """A YAML file's mapping with ``section.key=value`` overrides applied (values still raw; see ``_build``)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -166,12 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r} goes through a non-section key")
         node[leaf] = raw
-    for key, value in top.items():
-        if value is not None:
-            values[key] = value
-    config = _build(TrainConfig, values)
-    validate(config)
-    return config
+    return values
 
 
 def validate(config: TrainConfig) -> None:
@@ -200,8 +206,8 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def config_help() -> str:
-    """One line per key: dotted name, default, help."""
+def config_help(root: type = TrainConfig) -> str:
+    """One line per key of the dataclass ``root``: dotted name, default, help."""
     lines = []
 
     def walk(cls, prefix=""):
@@ -213,5 +219,5 @@ def config_help() -> str:
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 lines.append(f"  {prefix + f.name:<28} {default!s:<14} {f.metadata.get('help', '')}")
 
-    walk(TrainConfig)
+    walk(root)
     return "\n".join(lines)
