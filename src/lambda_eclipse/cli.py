@@ -257,6 +257,43 @@ def parse_priors(specs: list[str]) -> dict[str, str]:
     return priors
 
 
+def build_dataset(config: str | None = None, overrides: list[str] | None = None, stages: list[str] | None = None
+                  ) -> Path:
+    """Build (or resume) a feature store from raw images (`lambda-eclipse build-dataset`); returns the work folder."""
+    from .dataset import build_dataset as run_build
+    from .dataset import load_build_config
+    from .dataset.stages import STAGES
+
+    resolved = load_build_config(config, overrides or [])
+    return run_build(resolved, stages=tuple(stages) if stages else STAGES).parent
+
+
+def _build_dataset_command(ns: argparse.Namespace) -> None:
+    if ns.help_config:
+        from .dataset.config import BuildConfig
+        from .train.config import config_help
+
+        print("config keys (override with section.key=value):\n" + config_help(BuildConfig))
+        return
+    if not ns.config and not ns.overrides:
+        raise UserError("give --config FILE.yaml or input.path=... (see `lambda-eclipse build-dataset --help-config`)")
+    overrides = list(ns.overrides) + ([f"engine={ns.engine}"] if ns.engine else [])
+    out = build_dataset(ns.config, overrides, ns.stages.split(",") if ns.stages else None)
+    print(out / "report.md" if (out / "report.md").is_file() else out)
+
+
+def add_build_dataset_parser(commands) -> None:
+    data = commands.add_parser("build-dataset", help="images -> captions, subjects, boxes, masks, crops -> a feature "
+                                                     "store (resumes when rerun)")
+    data.add_argument("--config", help="YAML build config (configs/dataset-paper.yaml)")
+    data.add_argument("--engine", choices=["local", "ray"], help="run in-process (default) or on Ray Data")
+    data.add_argument("--stages", help="comma-separated stages to run (default all: caption,nouns,ground,segment,"
+                                       "filter,crop,features)")
+    data.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    data.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. input.path=imgs")
+    data.set_defaults(func=_build_dataset_command)
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def add_eval_arguments(parser: argparse.ArgumentParser, model: str = str(BUNDLED_MODEL),
                        oracle: str = str(BUNDLED_ORACLE)) -> None:
@@ -366,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-text-len", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=lambda ns: print(features_synth(ns.out, ns.num_samples, ns.dim, ns.max_text_len, ns.seed)))
+
+    add_build_dataset_parser(commands)
 
     world = commands.add_parser("miniworld", help="the miniature world: build the offline model family, evaluate").add_subparsers(
         dest="miniworld_command", required=True, parser_class=_Parser)

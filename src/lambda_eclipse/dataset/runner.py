@@ -40,8 +40,7 @@ class Workdir:
     def __init__(self, config: BuildConfig) -> None:
         self.config = config
         self.root = Path(config.output_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.refs = self._sources()
+        self.refs = self._sources()  # before anything is written: a bad input path leaves no folder behind
         n = config.shard_size
         self.shards = [self.refs[i : i + n] for i in range(0, len(self.refs), n)]
         self.by_id = {r.source_id: r for r in self.refs}
@@ -55,6 +54,7 @@ class Workdir:
         if listing.is_file():  # the first run's listing fixes the shard cut for every rerun
             return [SourceRef(**json.loads(line)) for line in listing.read_text(encoding="utf-8").splitlines() if line]
         refs = list_sources(self.config.input.path)
+        self.root.mkdir(parents=True, exist_ok=True)
         if self.config.input.limit:
             refs = refs[: self.config.input.limit]
         atomic_write(listing, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in refs))
