@@ -106,6 +106,7 @@ def test_crops_are_on_white_and_keep_their_aspect(built):
         assert abs(crop.width / crop.height - aspect) < 0.5 * aspect + 2 / 32
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_a_new_threshold_reruns_only_the_later_stages(built, inputs, models, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(built, out)
@@ -120,6 +121,7 @@ def test_rerun_is_a_no_op_and_a_new_threshold_reruns_only_the_later_stages(built
     assert read_index(out / "features").num_samples == 0
 
 
+@pytest.mark.slow
 def test_resume_after_losing_the_last_shards_gives_the_same_store(built, inputs, models, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(built, out)
@@ -150,3 +152,44 @@ def test_prior_trains_on_a_built_store(built, tmp_path):
                       output_dir=str(tmp_path / "prior"), max_steps=2, checkpoint_every=2)
     exported = train_prior(cfg) / "prior"
     assert (exported / "config.json").is_file()
+
+
+KILLED_BUILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from dataset_tiny import tiny_models
+from test_dataset_build import config
+from lambda_eclipse.dataset import build_dataset
+build_dataset(config({inputs!r}, {out!r}, "shard_size=2"), tiny_models())
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_build_rerun_gives_the_same_store(inputs, models, tmp_path):
+    """Kill the build with SIGKILL right after its first feature-store shard, rerun it, compare with a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    script = KILLED_BUILD.format(tests=str(Path(__file__).parent), inputs=str(inputs), out=str(out))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    first_store_shard = out / "features" / "shard-00000.safetensors"
+    deadline = time.time() + 600
+    while process.poll() is None and not first_store_shard.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the build finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "report.json").exists()
+    build_dataset(config(inputs, out, "shard_size=2"), models)
+    clean = build_dataset(config(inputs, tmp_path / "clean", "shard_size=2"), models)
+    a, b = load_all(out / "features"), load_all(clean)
+    assert list(a.source_ids) == list(b.source_ids) and len(set(a.source_ids)) == len(a)
+    assert torch.allclose(a.target, b.target) and torch.allclose(a.token_states, b.token_states)
+    assert json.loads((out / "report.json").read_text())["images_out"] == len(b)
