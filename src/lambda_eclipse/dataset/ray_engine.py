@@ -33,9 +33,9 @@ class _StageWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
         for shard in batch["shard"].tolist():
+            start = time.perf_counter()
             records, images = self.work.inputs(self.stage, shard)
             live = sum(1 for r in records if not r.dropped)
-            start = time.perf_counter()
             records, drops, samples = run_stage(self.stage, records, images, self.models, self.work.config)
             seconds = time.perf_counter() - start
             if self.stage == "features":  # the driver owns the store, and writes this shard file after it

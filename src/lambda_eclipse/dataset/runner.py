@@ -146,9 +146,9 @@ def run_local(work: Workdir, models: StageModels, stages: tuple[str, ...] = STAG
         bar = tqdm(total=sum(len(work.shards[i]) for i in pending), desc=stage, unit="img",
                    disable=not work.config.progress)
         for shard in pending:
+            start = time.perf_counter()  # a stage's time includes reading its inputs (shards, image decoding)
             records, images = work.inputs(stage, shard)
             live = sum(1 for r in records if not r.dropped)
-            start = time.perf_counter()
             records, drops, samples = run_stage(stage, records, images, models, work.config)
             if writer is not None:
                 for sample in samples:
