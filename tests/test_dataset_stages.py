@@ -96,8 +96,12 @@ def test_subject_crop_is_the_masked_box_on_white_with_its_aspect():
     assert crop.size == (48, 48)
     assert (array[:, :8] == 255).all() and (array[:, -8:] == 255).all()  # outside the mask: white
     assert (array[24, 20:28, 0] == 200).all() and (array[24, 20:28, 1] == 0).all()  # the subject itself
-    tall = subject_crop(Image.fromarray(pixels), mask, Box("dog", (50, 20, 80, 80), 1.0), size=48)
-    assert tall.size == (24, 48)
+    # A 30 x 60 box: padded square with white, so the subject keeps its 1:2 aspect (24 x 48 of the 48 x 48 crop).
+    tall = np.asarray(subject_crop(Image.fromarray(pixels), mask, Box("dog", (50, 20, 80, 80), 1.0), size=48))
+    red = tall[..., 1] < 128
+    cols, rows = np.flatnonzero(red.any(0)), np.flatnonzero(red.any(1))
+    assert rows[-1] - rows[0] + 1 == 48 and abs((cols[-1] - cols[0] + 1) - 24) <= 1
+    assert (tall[:, :10] == 255).all() and (tall[:, -10:] == 255).all()
 
 
 def test_records_round_trip_through_a_shard(tmp_path):

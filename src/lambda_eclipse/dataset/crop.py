@@ -2,7 +2,7 @@
 the Canny edge map of the whole image.
 
 The paper's point (§3.2): the mask is never resized at full resolution; the box crop of image and mask is taken
-first, the background set to white, and only the crop is scaled so its longer side is the CLIP input size.
+first, the background set to white, padded square with white and only then scaled to the CLIP input size.
 """
 
 from __future__ import annotations
@@ -18,17 +18,22 @@ DEFAULT_CROP_SIZE = 224  # CLIP's input resolution
 
 
 def subject_crop(image: Image.Image, mask: np.ndarray, box: Box, size: int = DEFAULT_CROP_SIZE) -> Image.Image:
-    """(H, W) RGB image + (H, W) bool mask + box -> the subject on white, longer side ``size`` (aspect kept)."""
+    """(H, W) RGB image + (H, W) bool mask + box -> the subject on white, ``size`` x ``size``.
+
+    The box crop is padded with white to a square (centred) before resizing: the aspect is kept, and CLIP's
+    processor (shortest side to 224, then a centre crop) sees the whole subject instead of cutting its long side.
+    """
     width, height = image.size
     x0, y0, x1, y1 = box.xyxy
     x0, y0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
     x1, y1 = min(max(int(np.ceil(x1)), x0 + 1), width), min(max(int(np.ceil(y1)), y0 + 1), height)
     pixels = np.asarray(image.convert("RGB"))[y0:y1, x0:x1].copy()
     pixels[~mask[y0:y1, x0:x1]] = 255
-    crop = Image.fromarray(pixels)
-    scale = size / max(crop.size)
-    target = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-    return crop.resize(target, Image.Resampling.BICUBIC)
+    h, w = pixels.shape[:2]
+    side = max(h, w)
+    square = np.full((side, side, 3), 255, np.uint8)
+    square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = pixels
+    return Image.fromarray(square).resize((size, size), Image.Resampling.BICUBIC)
 
 
 def crop_subjects(images: Sequence[Image.Image], masks: Sequence[Sequence[np.ndarray]],
