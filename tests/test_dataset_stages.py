@@ -227,3 +227,20 @@ def test_shipped_dataset_config_parses_and_bad_keys_are_one_line_errors(tmp_path
         load_build_config(None, [f"input.path={tmp_path}", "filter.nonsense=1"])
     assert main(["build-dataset", f"input.path={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"]) == 2
     assert not (tmp_path / "out").exists()  # nothing written for a bad input
+
+
+def test_segment_subject_cuts_the_word_out_onto_white():
+    from dataset_tiny import tiny_detector, tiny_segmenter
+
+    from lambda_eclipse.dataset.subject import segment_subject
+
+    photo = Image.open(ROOT.parent / "shared" / "reference" / "dreambench" / "dog" / "00.jpg") \
+        if (ROOT.parent / "shared" / "reference" / "dreambench" / "dog" / "00.jpg").is_file() \
+        else Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    detector, segmenter = tiny_detector(), tiny_segmenter()
+    cut = segment_subject(photo, "dog", detector, segmenter, 0.0, 0.0)
+    assert cut.width == cut.height and cut.width <= max(photo.size)
+    array = np.asarray(cut)
+    assert (array == 255).all(axis=-1).any()  # masked off or padded: some white
+    with pytest.raises(UserError, match="no 'dog' found"):
+        segment_subject(photo, "dog", detector, segmenter, 1.0, 1.0)
