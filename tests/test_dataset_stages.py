@@ -244,3 +244,16 @@ def test_segment_subject_cuts_the_word_out_onto_white():
     assert (array == 255).all(axis=-1).any()  # masked off or padded: some white
     with pytest.raises(UserError, match="no 'dog' found"):
         segment_subject(photo, "dog", detector, segmenter, 1.0, 1.0)
+
+
+def test_segment_subjects_saves_the_cut_out_beside_the_outputs(tmp_path):
+    from dataset_tiny import tiny_detector, tiny_segmenter
+
+    from lambda_eclipse.dataset.subject import segment_subjects
+
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    result = segment_subjects({"dog": photo, "cat": "cat.safetensors"}, str(tmp_path), tiny_detector(),
+                              tiny_segmenter(), box_threshold=0.0, text_threshold=0.0)
+    assert result["cat"] == "cat.safetensors" and result["dog"].width == result["dog"].height
+    saved = list(tmp_path.glob("segmented-dog-*.png"))
+    assert len(saved) == 1 and Image.open(saved[0]).size == result["dog"].size

@@ -125,6 +125,7 @@ class GenerateArgs:
     dtype: str | None = None
     low_memory: bool = False
     progress: bool = True
+    segment: bool = False  # cut each subject picture's subject out onto white first (saved beside the outputs)
 
 
 def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Image | None]:
@@ -154,6 +155,10 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
 def generate(args: GenerateArgs) -> list[Path]:
     """Generate images and save them as PNGs with prompt, subjects, seed and settings in their text metadata."""
     subjects, edge = _check_generate_args(args)
+    if args.segment:
+        from .dataset.subject import segment_subjects
+
+        subjects = segment_subjects(subjects, args.out, device=args.device)
     import torch
 
     from .outputs import image_stem, save_png
@@ -180,7 +185,8 @@ def generate(args: GenerateArgs) -> list[Path]:
     return written
 
 
-def encode_subject(spec: str, out: str, model: str | None = None, device: str | None = None) -> Path:
+def encode_subject(spec: str, out: str, model: str | None = None, device: str | None = None,
+                   segment: bool = False) -> Path:
     """Encode WORD=IMAGE once into a .safetensors subject embedding that `generate` accepts in place of the image."""
     word, path = parse_subject(spec)
     if not out.endswith(".safetensors"):
@@ -190,6 +196,10 @@ def encode_subject(spec: str, out: str, model: str | None = None, device: str | 
     from .encoders import load_image
 
     image = load_image(path, what=f"subject {word!r} image")
+    if segment:
+        from .dataset.subject import segment_subjects
+
+        image = segment_subjects({word: image}, str(Path(out).parent), device=device)[word]
     pipe = load_pipeline(model or default_model(), device)
     pipe.save_subject_embedding(word, image, out)
     return Path(out)
@@ -326,7 +336,7 @@ def _generate_command(ns: argparse.Namespace) -> None:
         prompt=ns.prompt, subjects=parse_subjects(ns.subject), edge=ns.edge, num_images=ns.n, seed=ns.seed,
         steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, height=ns.height, width=ns.width,
         model=ns.model, out=ns.out, device=ns.device, dtype=ns.dtype, low_memory=ns.low_memory,
-        progress=not ns.quiet,
+        progress=not ns.quiet, segment=ns.segment,
     )
     for path in generate(args):
         print(path)
@@ -373,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype")
     gen.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--segment", action="store_true", help="cut each subject out of its photo onto white first "
+                                                            "(Grounding DINO + SAM; the cut-out is saved beside the outputs)")
     gen.set_defaults(func=_generate_command)
 
     enc = commands.add_parser("encode-subject", help="save a subject's CLIP image embedding for reuse")
@@ -380,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, metavar="FILE.safetensors")
     enc.add_argument("--model", help="model folder or Hub id (default as for generate)")
     enc.add_argument("--device")
-    enc.set_defaults(func=lambda ns: print(encode_subject(ns.subject, ns.out, ns.model, ns.device)))
+    enc.add_argument("--segment", action="store_true", help="cut the subject out of the photo onto white first")
+    enc.set_defaults(func=lambda ns: print(encode_subject(ns.subject, ns.out, ns.model, ns.device, ns.segment)))
 
     train = commands.add_parser("train-prior", help="train a λ-ECLIPSE prior on a feature store (resumes when rerun)")
     train.add_argument("--config", help="YAML config (configs/prior-debug.yaml, configs/prior-paper.yaml)")

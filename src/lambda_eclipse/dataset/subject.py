@@ -26,3 +26,33 @@ def segment_subject(image: Image.Image, word: str, detector: Detector, segmenter
     x0, y0, x1, y1 = best.xyxy
     side = max(int(round(x1 - x0)), int(round(y1 - y0)), 1)
     return subject_crop(image, mask, best, size=side)
+
+
+def segment_subjects(subjects: dict, out: str, detector: Detector | None = None, segmenter: Segmenter | None = None,
+                     device: str | None = None, box_threshold: float = 0.2, text_threshold: float = 0.2) -> dict:
+    """`generate --segment` / `encode-subject --segment`: replace every subject picture (PIL images; embedding
+    paths stay as they are) by its cut-out, saved as ``<out>/segmented-<word>...png`` so the user can check it.
+
+    The detector and segmenter default to the builder's Hub models (:data:`~.ground.DEFAULT_DETECTOR`,
+    :data:`~.segment.DEFAULT_SEGMENTER`).
+    """
+    import torch
+
+    from ..outputs import image_stem, save_png
+
+    pictures = {w: s for w, s in subjects.items() if isinstance(s, Image.Image)}
+    if not pictures:
+        return dict(subjects)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        detector = detector or Detector.from_pretrained(device=device)
+        segmenter = segmenter or Segmenter.from_pretrained(device=device)
+    except OSError as error:
+        raise UserError(f"--segment cannot load its detector/segmenter ({str(error).splitlines()[0]}); "
+                        "drop --segment and give pictures cut out on white") from None
+    result = dict(subjects)
+    for word, picture in pictures.items():
+        cut = segment_subject(picture, word, detector, segmenter, box_threshold, text_threshold)
+        save_png(cut, out, image_stem(f"segmented {word}", {"word": word}), {"segmented_subject": word})
+        result[word] = cut
+    return result
