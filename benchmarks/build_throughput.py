@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dataset_tiny import tiny_models
 
-    models = tiny_models()
+    models = tiny_models(captioner=True)
     for bundle in models.values():
         if hasattr(bundle, "model"):
             bundle.model.to(args.device)
