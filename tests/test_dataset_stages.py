@@ -253,3 +253,16 @@ def test_segment_subjects_saves_the_cut_out_beside_the_outputs(tmp_path):
     assert result["cat"] == "cat.safetensors" and result["dog"].width == result["dog"].height
     saved = list(tmp_path.glob("segmented-dog-*.png"))
     assert len(saved) == 1 and Image.open(saved[0]).size == result["dog"].size
+
+
+def test_a_work_folder_refuses_another_input(tmp_path):
+    from lambda_eclipse.dataset import load_build_config
+    from lambda_eclipse.dataset.runner import Workdir
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "x.png")
+    first = Workdir(load_build_config(None, [f"input.path={tmp_path / 'a'}", f"output_dir={tmp_path / 'out'}"]))
+    assert [r.source_id for r in first.refs] == ["x.png"]
+    with pytest.raises(UserError, match="holds a build of"):
+        Workdir(load_build_config(None, [f"input.path={tmp_path / 'b'}", f"output_dir={tmp_path / 'out'}"]))

@@ -2,7 +2,7 @@
 
 Work folder layout::
 
-    sources.jsonl                 every input image, listed once (the shard cut is fixed by it)
+    sources.jsonl, input.json     every input image, listed once (the shard cut is fixed by it), and where from
     manifest.json                 shards, per-stage fingerprints, done shards and timings
     stages/<stage>/stage.json     the stage's fingerprint and settings
     stages/<stage>/shard-NNNNN.jsonl (+ .safetensors)   one file per input shard, written atomically
@@ -50,15 +50,21 @@ class Workdir:
         self.manifest.setdefault("stats", {})
 
     def _sources(self) -> list[SourceRef]:
-        listing = self.root / "sources.jsonl"
-        if listing.is_file():  # the first run's listing fixes the shard cut for every rerun
-            return [SourceRef(**json.loads(line)) for line in listing.read_text(encoding="utf-8").splitlines() if line]
+        """The input listing: made once (the first run's listing fixes the shard cut for every rerun)."""
+        listing, origin = self.root / "sources.jsonl", self.root / "input.json"
+        limit = self.config.input.limit or None
+        if listing.is_file():
+            first = json.loads(origin.read_text())["path"] if origin.is_file() else None
+            if first != self.config.input.path:
+                raise UserError(f"{str(self.root)!r} holds a build of {first!r}, not of {self.config.input.path!r}; "
+                                "give another output_dir")
+            lines = listing.read_text(encoding="utf-8").splitlines()
+            return [SourceRef(**json.loads(line)) for line in lines if line][:limit]
         refs = list_sources(self.config.input.path)
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.config.input.limit:
-            refs = refs[: self.config.input.limit]
         atomic_write(listing, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in refs))
-        return refs
+        atomic_write(origin, json.dumps({"path": self.config.input.path}))
+        return refs[:limit]
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / "stages" / stage
