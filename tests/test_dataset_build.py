@@ -190,3 +190,33 @@ def test_a_sigkilled_build_rerun_gives_the_same_store(inputs, models, tmp_path):
     assert list(a.source_ids) == list(b.source_ids) and len(set(a.source_ids)) == len(a)
     assert torch.allclose(a.target, b.target) and torch.allclose(a.token_states, b.token_states)
     assert json.loads((out / "report.json").read_text())["images_out"] == len(b)
+
+
+@pytest.mark.slow
+def test_the_command_loads_every_model_from_folders(inputs, tmp_path, capsys):
+    """`lambda-eclipse build-dataset` with the stage models saved as folders (the Hub-id path, offline)."""
+    from dataset_tiny import tiny_captioner, tiny_detector, tiny_segmenter, tiny_spacy
+
+    from lambda_eclipse.cli import BUNDLED_MODEL, main
+
+    folders = {}
+    for name, bundle in (("captioner", tiny_captioner()), ("detector", tiny_detector()), ("segmenter", tiny_segmenter())):
+        folders[name] = tmp_path / name
+        bundle.model.save_pretrained(folders[name])
+        bundle.processor.save_pretrained(folders[name])
+    tiny_spacy().to_disk(tmp_path / "spacy")
+    out = tmp_path / "run"
+    args = [f"input.path={inputs}", f"output_dir={out}", *OVERRIDES, f"models.spacy={tmp_path / 'spacy'}",
+            f"models.detector={folders['detector']}", f"models.segmenter={folders['segmenter']}",
+            f"models.clip={BUNDLED_MODEL}", "models.device=cpu"]
+    assert main(["build-dataset", *args]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    assert validate_feature_store(out / "features").ok
+    assert read_index(out / "features").metadata["models"]["detector"] == str(folders["detector"])
+    # BLIP-2 from its folder replaces the captions (random words here, so the later stages find little).
+    again = [a.replace("models.captioner=none", f"models.captioner={folders['captioner']}") for a in args]
+    assert main(["build-dataset", *[a.replace(str(out), str(tmp_path / "run2")) for a in again], "--stages",
+                 "caption"]) == 0
+    captions = [r.caption for r in read_shard(tmp_path / "run2" / "stages" / "caption" / "shard-00000.jsonl")
+                if not r.dropped]
+    assert captions and not any(c.startswith("a photo of") for c in captions)
