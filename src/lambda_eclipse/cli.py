@@ -159,6 +159,7 @@ class GenerateArgs:
     unet: str | None = None  # a fine-tuned decoder UNet folder (finetune-decoder's run folder or its unet/)
     lora: str | None = None  # a decoder LoRA file (finetune-decoder's lora.safetensors)
     lora_scale: float = 1.0
+    segment: bool = False  # cut each subject picture's subject out onto white first (saved beside the outputs)
 
 
 def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Image | None]:
@@ -203,6 +204,10 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
     generator seeded ``args.seed + i``, so the images do not depend on the batch size.
     """
     subjects, edge = _check_generate_args(args)
+    if args.segment:
+        from .dataset.subject import segment_subjects
+
+        subjects = segment_subjects(subjects, args.out, device=args.device)
     import torch
 
     from .adapters import apply_decoder_adapters
@@ -249,7 +254,8 @@ def generate(args: GenerateArgs, on_saved=None) -> list[Path]:
     return written
 
 
-def encode_subject(spec: str | list[str], out: str, model: str | None = None, device: str | None = None) -> Path:
+def encode_subject(spec: str | list[str], out: str, model: str | None = None, device: str | None = None,
+                   segment: bool = False) -> Path:
     """Encode WORD=IMAGE once into a .safetensors subject embedding that `generate` accepts in place of the image;
     several WORD=IMAGE of one word are combined (normalized mean)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -264,6 +270,10 @@ def encode_subject(spec: str | list[str], out: str, model: str | None = None, de
 
     check_output_path(out, "file", "--out")
     images = [load_image(path, what=f"subject {word!r} image") for _, path in pairs]
+    if segment:
+        from .dataset.subject import segment_subjects
+
+        images = [segment_subjects({word: image}, str(Path(out).parent), device=device)[word] for image in images]
     pipe = load_pipeline(resolve_model(model), device)
     pipe.save_subject_embedding(word, images if len(images) > 1 else images[0], out)
     return Path(out)
@@ -599,6 +609,42 @@ def add_evaluate_parser(commands) -> None:
     for p in suites.choices.values():
         p.set_defaults(func=_evaluate_command)
 
+def build_dataset(config: str | None = None, overrides: list[str] | None = None, stages: list[str] | None = None
+                  ) -> Path:
+    """Build (or resume) a feature store from raw images (`lambda-eclipse build-dataset`); returns the work folder."""
+    from .dataset import build_dataset as run_build
+    from .dataset import load_build_config
+    from .dataset.stages import STAGES
+
+    resolved = load_build_config(config, overrides or [])
+    return run_build(resolved, stages=tuple(stages) if stages else STAGES).parent
+
+
+def _build_dataset_command(ns: argparse.Namespace) -> None:
+    if ns.help_config:
+        from .dataset.config import BuildConfig
+        from .train.config import config_help
+
+        print("config keys (override with section.key=value):\n" + config_help(BuildConfig))
+        return
+    if not ns.config and not ns.overrides:
+        raise UserError("give --config FILE.yaml or input.path=... (see `lambda-eclipse build-dataset --help-config`)")
+    overrides = list(ns.overrides) + ([f"engine={ns.engine}"] if ns.engine else [])
+    out = build_dataset(ns.config, overrides, ns.stages.split(",") if ns.stages else None)
+    print(out / "report.md" if (out / "report.md").is_file() else out)
+
+
+def add_build_dataset_parser(commands) -> None:
+    data = commands.add_parser("build-dataset", help="images -> captions, subjects, boxes, masks, crops -> a feature "
+                                                     "store (resumes when rerun)")
+    data.add_argument("--config", help="YAML build config (configs/dataset-paper.yaml)")
+    data.add_argument("--engine", choices=["local", "ray"], help="run in-process (default) or on Ray Data")
+    data.add_argument("--stages", help="comma-separated stages to run (default all: caption,nouns,ground,segment,"
+                                       "filter,crop,features)")
+    data.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    data.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. input.path=imgs")
+    data.set_defaults(func=_build_dataset_command)
+
 
 # ---------------------------------------------------------------------------------------------------- parser
 def add_eval_arguments(parser: argparse.ArgumentParser, model: str = str(BUNDLED_MODEL),
@@ -634,6 +680,7 @@ def _generate_command(ns: argparse.Namespace) -> None:
         steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, height=ns.height, width=ns.width,
         model=ns.model, out=ns.out, device=ns.device, dtype=ns.dtype, low_memory=ns.low_memory,
         progress=not ns.quiet, batch_size=ns.batch_size, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale,
+        segment=ns.segment,
     )
     generate(args, on_saved=lambda path: print(path, flush=True))  # each path as soon as its file is complete
 
@@ -724,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
     gen.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    gen.add_argument("--segment", action="store_true", help="cut each subject out of its photo onto white first "
+                                                            "(Grounding DINO + SAM; the cut-out is saved beside the outputs)")
     gen.set_defaults(func=_generate_command)
 
     enc = commands.add_parser("encode-subject", help="save a subject's CLIP image embedding for reuse")
@@ -731,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--out", required=True, metavar="FILE.safetensors")
     enc.add_argument("--model", help="model folder or Hub id (default as for generate)")
     enc.add_argument("--device")
-    enc.set_defaults(func=lambda ns: print(encode_subject(ns.subject, ns.out, ns.model, ns.device)))
+    enc.add_argument("--segment", action="store_true", help="cut the subject out of the photo onto white first")
+    enc.set_defaults(func=lambda ns: print(encode_subject(ns.subject, ns.out, ns.model, ns.device, ns.segment)))
 
     train = commands.add_parser("train-prior", help="train a λ-ECLIPSE prior on a feature store (resumes when rerun)")
     train.add_argument("--config", help="YAML config (configs/prior-debug.yaml, configs/prior-paper.yaml)")
@@ -763,6 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-text-len", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=lambda ns: print(features_synth(ns.out, ns.num_samples, ns.dim, ns.max_text_len, ns.seed)))
+
+    add_build_dataset_parser(commands)
 
     world = commands.add_parser("miniworld", help="the miniature world: build the offline model family, evaluate").add_subparsers(
         dest="miniworld_command", required=True, parser_class=_Parser)

@@ -42,6 +42,20 @@ class ClipEncoders:
     def from_pipeline(cls, pipe) -> "ClipEncoders":
         return cls(pipe.tokenizer, pipe.text_encoder, pipe.image_encoder, pipe.image_processor)
 
+    @classmethod
+    def from_pretrained(cls, repo: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ClipEncoders":
+        """The four components from a repo or folder with ``tokenizer/``, ``text_encoder/``, ``image_encoder/`` and
+        ``image_processor/`` (the Kandinsky 2.2 prior repo, a pipeline folder such as ``models/miniworld``)."""
+        from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+        load = dict(dtype=dtype)
+        return cls(
+            CLIPTokenizer.from_pretrained(repo, subfolder="tokenizer"),
+            CLIPTextModelWithProjection.from_pretrained(repo, subfolder="text_encoder", **load).to(device).eval(),
+            CLIPVisionModelWithProjection.from_pretrained(repo, subfolder="image_encoder", **load).to(device).eval(),
+            CLIPImageProcessorPil.from_pretrained(repo, subfolder="image_processor"),
+        )
+
 
 @torch.no_grad()
 def encode_records(encoders: ClipEncoders, records: Sequence[CaptionedImage]) -> list[FeatureSample]:
