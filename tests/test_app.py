@@ -212,7 +212,7 @@ def test_in_a_real_browser(tmp_path, pictures):
             sync_api.expect(page.locator("#subject-preview-1 img")).to_have_count(1)  # shown as the model sees it
             generate_and_count(3)
             assert "seed 2 · 25 steps" in page.inner_text("#gallery")
-            sync_api.expect(page.locator("#downloads")).to_contain_text("seed2.png")
+            sync_api.expect(page.locator("#downloads")).to_contain_text("-seed2")  # the PNG files to download
 
             # a mistake: a message in the page, and the page still works afterwards
             page.fill("#subject-word-0 textarea", "dog")
@@ -225,11 +225,15 @@ def test_in_a_real_browser(tmp_path, pictures):
             page.set_input_files("#subject-files-1 input[type=file]", bad)
             sync_api.expect(page.get_by_text("is not an image PIL can read").first).to_be_visible(timeout=60_000)
 
-            # an example: one click fills the form and generates
+            # an example: one click fills the form (showing the second row again) and generates
+            page.click("#remove-subject")
+            sync_api.expect(page.locator("#subject-row-1")).to_be_hidden()
             page.locator(".gallery-item, tr").filter(has_text="a photo of a ball left of a paper plane").first.click()
+            sync_api.expect(page.locator("#subject-row-1")).to_be_visible()
             sync_api.expect(page.locator("#subject-word-1 textarea")).to_have_value("paper plane")
             sync_api.expect(page.locator("#timing")).to_contain_text("4 images in", timeout=120_000)
             sync_api.expect(thumbnails).to_have_count(4)
+            sync_api.expect(page.get_by_text("is not an image PIL can read")).to_have_count(0, timeout=30_000)
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             if screenshot:
                 page.screenshot(path=screenshot, full_page=True)

@@ -184,17 +184,20 @@ def _page_error(gr, error: UserError):
         return gr.Error(str(error))
 
 
-def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
-    """The page (a ``gr.Blocks``) around a loaded pipeline; :func:`launch_demo` serves it."""
+def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
+    """The page (a ``gr.Blocks``) around a loaded pipeline; :func:`launch_demo` serves it. ``model``: the folder
+    or Hub id it was loaded from (shown, and written into each PNG's metadata)."""
     gr = _require_gradio()
+    from .cli import BUNDLED_MODEL
     from .encoders import canny_edges, load_image, prepare_subject_image
 
     config = config or DemoConfig()
     out = Path(config.out or tempfile.mkdtemp(prefix="lambda-eclipse-demo-"))
-    scale = pipe.movq_scale_factor
-    step_px = scale**2  # check_inputs' size step
+    step_px = pipe.movq_scale_factor**2  # check_inputs' size step
     native_h, native_w = pipe._default_size(None, None)
     rows_max = max(1, config.max_subjects)
+    bundled = bool(model) and Path(model).resolve() == BUNDLED_MODEL
+    shown_model = "the bundled miniature model (offline)" if bundled else f"`{model or 'a loaded pipeline'}`"
 
     def shown(paths, what: str, prepare) -> list:
         """Uploaded pictures as the model sees them (composited on white / their edge map); errors in the page."""
@@ -212,7 +215,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
         try:
             form = form_from_values(prompt, words, files, *values[2 * rows_max:])
             progress(0, desc="encoding the prompt and subjects")
-            saved = run_generate(pipe, form, out, model_label,
+            saved = run_generate(pipe, form, out, model,
                                  on_step=lambda done, total: progress((done, total), desc="decoding", unit="steps"))
         except UserError as error:
             raise _page_error(gr, error) from None
@@ -224,7 +227,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
     with gr.Blocks(title="λ-ECLIPSE") as demo:
         gr.Markdown("# λ-ECLIPSE\nPersonalized text-to-image in the CLIP latent space. Type a prompt, bind its "
                     "words to pictures of your subjects (shown on white, as the model sees them), and generate. "
-                    f"Model: `{model_label or 'loaded pipeline'}`.")
+                    f"Model: {shown_model}.")
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -234,12 +237,12 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
                     rows, words, files, previews = [], [], [], []
                     for i in range(rows_max):
                         with gr.Row(visible=i == 0, elem_id=f"subject-row-{i}") as row:
-                            words.append(gr.Textbox(label=f"subject {i + 1}: word of the prompt", elem_id=f"subject-word-{i}",
-                                                    placeholder="ball", scale=1))
-                            files.append(gr.File(label=f"subject {i + 1}: its picture(s)", file_count="multiple", file_types=["image"],
-                                                 elem_id=f"subject-files-{i}", scale=1))
-                            previews.append(gr.Gallery(label=f"subject {i + 1} as the model sees it", columns=4, height=120,
-                                                       elem_id=f"subject-preview-{i}", scale=1))
+                            words.append(gr.Textbox(label=f"subject {i + 1}: word of the prompt", placeholder="ball",
+                                                    elem_id=f"subject-word-{i}", scale=1))
+                            files.append(gr.File(label=f"subject {i + 1}: its picture(s)", file_count="multiple",
+                                                 file_types=["image"], elem_id=f"subject-files-{i}", scale=1))
+                            previews.append(gr.Gallery(label=f"subject {i + 1} as the model sees it", columns=4,
+                                                       height=120, elem_id=f"subject-preview-{i}", scale=1))
                         rows.append(row)
                     with gr.Row():
                         add = gr.Button("add subject", size="sm", elem_id="add-subject")
@@ -262,15 +265,19 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
                         width = gr.Slider(step_px, 2 * native_w, value=native_w, step=step_px, label="width (px)")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
             note = gr.Markdown(elem_id="timing")
-            gallery = gr.Gallery(label="images (seed and settings below each)", columns=4, elem_id="gallery")
+            gallery = gr.Gallery(label="images (seed and settings below each)", columns=4, height="auto",
+                                 elem_id="gallery")
             downloads = gr.File(label="PNG files (prompt, subjects, seed and settings in their metadata)",
                                 file_count="multiple", elem_id="downloads")
 
             settings = [edge, seed, num_images, steps, guidance, scheduler, height, width]
             inputs = [prompt, count, *words, *files, *settings]
             outputs = [gallery, downloads, note]
-            run.click(generate, inputs, outputs, api_name="generate")
-            prompt.submit(generate, inputs, outputs, api_name=False)
+            # Every way of generating shares one queue slot: one request at a time reaches the model (the pipeline's
+            # scheduler is one object, stepped by each run), the others wait and see their place in the queue.
+            one_at_a_time = dict(concurrency_id="model", concurrency_limit=1)
+            run.click(generate, inputs, outputs, api_name="generate", **one_at_a_time)
+            prompt.submit(generate, inputs, outputs, api_name=False, **one_at_a_time)
 
             def show_rows(n):
                 n = min(max(int(n or 1), 1), rows_max)
@@ -279,7 +286,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
             count.change(show_rows, count, rows, api_name=False)
             add.click(lambda n: min(int(n or 1) + 1, rows_max), count, count, api_name=False)
             remove.click(lambda n: max(int(n or 1) - 1, 1), count, count, api_name=False)
-            for upload, preview, word in zip(files, previews, words):
+            for upload, preview in zip(files, previews):
                 upload.change(lambda paths: shown(paths, "subject image", prepare_subject_image), upload, preview,
                               api_name=False)
             edge.change(lambda path: (shown(path, "edge image", canny_edges) or [None])[0], edge, edge_preview,
@@ -295,7 +302,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model_label: str = ""):
                 examples = gr.Examples(table, [prompt, count, *words[:used], *files[:used], num_images],
                                        label="examples (offline, on the loaded model): click one to generate it")
                 # One click fills the form and generates with the form's other settings (nothing is cached).
-                examples.load_input_event.then(generate, inputs, outputs, api_name=False)
+                examples.load_input_event.then(generate, inputs, outputs, api_name=False, **one_at_a_time)
     return demo
 
 
@@ -310,9 +317,7 @@ def launch_demo(config: DemoConfig, block: bool = True, pipe=None):
         pipe = load_pipeline(model, config.device)
     pipe.set_progress_bar_config(disable=True)
     demo = build_demo(pipe, config, model)
-    # One request at a time reaches the model (it is one set of weights); the rest wait in the queue and see
-    # their place in it.
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.queue(default_concurrency_limit=1, max_size=64)  # generation shares one slot (see build_demo)
     allowed = [str(EXAMPLES_DIR)] + ([str(Path(config.out).resolve())] if config.out else [])
     demo.launch(server_name=config.host, server_port=config.port, prevent_thread_lock=not block, quiet=not block,
                 allowed_paths=allowed, show_error=False)
