@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -105,6 +106,14 @@ def test_demo_command_passes_its_flags(monkeypatch):
     monkeypatch.setattr(app, "launch_demo", lambda config, block=True: seen.update(config=config, block=block))
     assert cli.main(["demo", "--model", "m", "--host", "0.0.0.0", "--port", "8123", "--out", "o"]) == 0
     assert seen == {"config": DemoConfig(model="m", host="0.0.0.0", port=8123, out="o"), "block": True}
+
+
+def test_demo_without_gradio_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without the demo extra sees
+    from lambda_eclipse import cli
+
+    assert cli.main(["demo"]) == 2
+    assert "pip install 'lambda-eclipse[demo]'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- slow tier
