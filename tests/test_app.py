@@ -205,10 +205,15 @@ def test_in_a_real_browser(tmp_path, pictures):
             page.goto(f"http://127.0.0.1:{port}/")
             thumbnails = page.locator("#gallery .thumbnail-item")
 
-            def generate_and_count(n: int) -> None:
-                page.fill("#num-images input[type=number]", str(n))
-                page.press("#num-images input[type=number]", "Enter")
+            def set_number(elem_id: str, value: int) -> None:
+                page.fill(f"#{elem_id} input[type=number]", str(value))
+                page.press(f"#{elem_id} input[type=number]", "Enter")
+
+            def generate_and_count(n: int, watch_progress: bool = False) -> None:
+                set_number("num-images", n)
                 page.click("#generate")
+                if watch_progress:  # the decoder's steps, as the pipeline's callback reports them
+                    sync_api.expect(page.get_by_text("decoding").first).to_be_visible(timeout=60_000)
                 sync_api.expect(page.locator("#timing")).to_contain_text(f"{n} images in", timeout=120_000)
                 sync_api.expect(thumbnails).to_have_count(n)
 
@@ -219,8 +224,10 @@ def test_in_a_real_browser(tmp_path, pictures):
             page.fill("#subject-word-1 textarea", "paper plane")
             page.set_input_files("#subject-files-1 input[type=file]", str(EXAMPLES / "paper-plane.png"))
             sync_api.expect(page.locator("#subject-preview-1 img")).to_have_count(1)  # shown as the model sees it
-            generate_and_count(3)
-            assert "seed 2 · 25 steps" in page.inner_text("#gallery")
+            set_number("steps", 60)  # long enough to watch its progress on an idle machine too
+            generate_and_count(3, watch_progress=True)
+            assert "seed 2 · 60 steps" in page.inner_text("#gallery")
+            set_number("steps", 25)
             sync_api.expect(page.locator("#downloads")).to_contain_text("-seed2")  # the PNG files to download
 
             # a mistake: a message in the page, and the page still works afterwards
