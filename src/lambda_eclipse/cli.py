@@ -736,6 +736,24 @@ def _features_validate_command(ns: argparse.Namespace) -> None:
         raise UserError(f"{ns.directory}: zero-image embedding {report.zero_image_problem}; rebuild the store")
 
 
+# ---------------------------------------------------------------------------------------------------- demo
+def demo(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, out: str | None = None) -> None:
+    """Serve the web demo (Gradio, the ``demo`` extra) until interrupted; see :mod:`lambda_eclipse.app`."""
+    from . import app
+
+    app.launch_demo(app.DemoConfig(model=model, host=host, port=port, out=out), block=True)
+
+
+def add_demo_parser(commands) -> None:
+    """`lambda-eclipse demo` and its flags."""
+    web = commands.add_parser("demo", help="the web demo in a browser (needs the demo extra: pip install '.[demo]')")
+    web.add_argument("--model", help="model folder or Hub id (default as for generate: the bundled offline model)")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    web.add_argument("--out", help="folder that keeps every generated PNG (default: a temporary folder)")
+    web.set_defaults(func=lambda ns: demo(ns.model, ns.host, ns.port, ns.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lambda-eclipse", description="λ-ECLIPSE personalized text-to-image generation")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -838,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         ns.out, ns.work, ns.model, ns.oracle, ns.threads)["results"], indent=1)))
     add_interpolation_commands(commands, world)
     add_evaluate_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 
