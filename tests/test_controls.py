@@ -172,7 +172,7 @@ def test_img2img_shares_the_components(tiny_pipe, monkeypatch):
         (dict(image_embeds=torch.full((1, 32), float("nan"))), "NaN"),
         (dict(image_embeds=torch.zeros(1, 32), prompt="a dog"), "drop the prompt"),
         (dict(negative_image_embeds=torch.zeros(1, 32), prompt="a dog"), "without image_embeds"),
-        (dict(), "no prompt given"),
+        (dict(), "prompt must be a string"),
         (dict(prompt="a dog", subject_scale=2.5), "subject_scale must be a number in [0, 2]"),
         (dict(prompt="a dog", subject_scale=float("nan")), "subject_scale"),
         (dict(prompt="a dog", subjects={"dog": "d.png"}, subject_scale={"cat": 1.0}), "'cat', which is not a subject"),

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .conditioning import normalize_subject_word
-from .errors import UserError
+from .errors import UserError, UserTypeError
 
 # The keywords of __call__ beyond the prompt-and-subjects ones, with their defaults (checked by _check_controls).
 CONTROLS = dict(image_embeds=None, negative_image_embeds=None, latents=None, callback_on_step_end=None,
@@ -47,7 +47,8 @@ def check_controls(controls: Mapping, prompt, subjects, edge_image, output_type:
         if negative is not None:
             raise UserError("negative_image_embeds was given without image_embeds; give both, or neither")
         if prompt is None:
-            raise UserError("no prompt given; pass a text prompt, or image_embeds to decode")
+            raise UserTypeError("prompt must be a string or a list of strings, got None; pass a text prompt, or "
+                                "image_embeds to decode")
     else:
         if prompt is not None or subjects or edge_image is not None:
             raise UserError("image_embeds are decoded as given; drop the prompt, subjects and edge image, or the embeds")

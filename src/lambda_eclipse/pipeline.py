@@ -106,6 +106,9 @@ def check_inputs(
     def name(key: str) -> str:
         return names.get(key, key)
 
+    if subjects is not None and not isinstance(subjects, Mapping):
+        raise UserTypeError(f"subjects must map a subject word to its image, e.g. {{'dog': 'dog.png'}}, got "
+                            f"{type(subjects).__name__}")
     # supplied embeddings and the control knobs (subject scale, edge, img2img)
     embeds_count = _check_controls(controls, prompt, subjects, edge_image, output_type, pipeline, name)
     if embeds_count is not None:  # decoding supplied embeddings: no prompt; count the images by the embeddings
@@ -127,9 +130,6 @@ def check_inputs(
             raise UserError("the prompt is empty; give a text prompt such as 'a dog on the beach'")
 
     # subjects and the edge map
-    if subjects is not None and not isinstance(subjects, Mapping):
-        raise UserTypeError(f"subjects must map a subject word to its image, e.g. {{'dog': 'dog.png'}}, got "
-                        f"{type(subjects).__name__}")
     seen: set[str] = set()
     for word, subject in (subjects or {}).items():
         if not isinstance(word, str):
