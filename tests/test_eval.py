@@ -109,10 +109,9 @@ def test_dreambench_end_to_end_resume_and_shards(tiny_pipe, judges, tmp_path):
     assert Image.open(tmp_path / "run" / next(iter(first))).size == (native, native)
     # the grid: the subject picture and 2 images per row, one row (with its caption) per prompt
     assert Image.open(tmp_path / "run" / "grids" / "cat.png").size == (3 * 132, 4 * 146)
-    # a rerun generates nothing and scores the same
-    again = evaluate(tiny_pipe, spec, judges, "tiny")
+    # a rerun generates nothing
+    again = evaluate(tiny_pipe, EvalSpec(**{**spec.__dict__, "score": False}), None, "tiny")
     assert again["generation"] == {**again["generation"], "made": 0, "skipped": 8}
-    assert again["result"]["overall"] == result["overall"]
     # two shards into one folder, then one merge (scoring), equal to the unsharded run, image for image
     shards = tmp_path / "sharded"
     for rank in (0, 1):
