@@ -5,6 +5,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one torch thread per worker, not two workers × all cores
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that share the one smoke build run on one xdist worker, so that it is built once.
+    for item in items:
+        if "smoke_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke-build"))
+
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
