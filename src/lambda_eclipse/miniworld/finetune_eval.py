@@ -260,7 +260,7 @@ def plot_figures(metrics: dict, path: Path) -> None:
                         marker="o", label=f"{mode}, {which}")
         ax.set_title(title)
         ax.set_xlabel("fine-tuning steps")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, handlelength=3.5)  # long enough to show full (solid) vs LoRA (dashed)
     fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=110)
