@@ -286,3 +286,12 @@ def test_miniworld_measurement_prompts_hold_the_concept_and_are_balanced():
         keys = [(o.shape, o.colour, o.texture) for o in scene.objects]
         assert keys[i] == tuned[0] and not set(keys) & set(control)
     assert sorted(len(s.objects) for s, _ in prompts) == [1, 2]  # balanced over object counts
+
+
+def test_a_run_folder_refuses_another_run(runs, model_dir, concepts):
+    with pytest.raises(UserError, match="another mode config"):
+        finetune_decoder(_config(model_dir, concepts, runs["full"], "mode=lora"))
+    caches = sorted((runs["full"] / "cache").iterdir())
+    with pytest.raises(UserError, match="another data.resolution"):
+        finetune_decoder(_config(model_dir, concepts, runs["full"], "data.resolution=8"))
+    assert sorted((runs["full"] / "cache").iterdir()) == caches  # refused before encoding anything

@@ -23,6 +23,7 @@ from ..atomic import atomic_path
 from ..errors import UserError
 from ..hub import DEFAULT_DECODER, DEFAULT_ENCODERS
 from .concepts import ConceptSet, cached_encoding, find_concepts
+from .checkpoint import list_checkpoints, saved_config
 from .config import OptimConfig, _f, config_help, config_to_dict, load_dataclass
 from .core import LoopSettings, require_same, run_training
 from .decoder import DecoderObjective, DecoderObjectiveConfig
@@ -206,9 +207,7 @@ class FinetuneObjective(DecoderObjective):
                 "prediction_type": self.scheduler.config.prediction_type}
 
     def check_resume(self, saved: dict[str, Any], output_dir: Path) -> None:
-        require_same(saved, self.config_dict(), ("mode", "lora", "concepts", "prediction_type"), output_dir)
-        if saved.get("model", {}).get("decoder") != self.finetune.model.decoder:
-            raise UserError(f"{output_dir} holds a run on another decoder; use a new output folder")
+        check_same_run(self.finetune, self.config_dict(), saved, output_dir)
 
     def losses(self, model, batch, state) -> dict[str, torch.Tensor]:
         self._step = state.step + 1  # the step this micro-batch belongs to (names the validation grid)
@@ -255,6 +254,15 @@ class FinetuneObjective(DecoderObjective):
                                              "mode": self.finetune.mode, "steps": self.finetune.max_steps}, indent=2))
 
 
+def check_same_run(config: FinetuneConfig, resolved: dict[str, Any], saved: dict[str, Any], output_dir: Path) -> None:
+    """Refuse to resume a checkpoint of another run: another mode, LoRA shape, concept images, decoder or size."""
+    keys = ("mode", "concepts", "prediction_type") + (("lora",) if config.mode == "lora" else ())
+    require_same(saved, resolved, tuple(k for k in keys if k in resolved), output_dir)
+    for section, key in (("model", "decoder"), ("data", "resolution")):
+        if saved.get(section, {}).get(key) != getattr(getattr(config, section), key):
+            raise UserError(f"{output_dir} holds a run with another {section}.{key}; use a new output folder")
+
+
 def loop_settings(config: FinetuneConfig) -> LoopSettings:
     return LoopSettings(
         output_dir=config.output_dir, max_steps=config.max_steps, optim=config.optim,
@@ -270,6 +278,10 @@ def prepare_finetune(config: FinetuneConfig) -> FinetuneObjective:
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {str(out)!r} is a file; give a folder")
     concepts = find_concepts(config.data.concepts_dir or None, config.data.manifest or None)
+    checkpoints = list_checkpoints(out)
+    if checkpoints:  # before anything is encoded into this folder
+        resolved = {**config_to_dict(config), "concepts": {"names": list(concepts.names), "sha256": concepts.fingerprint()}}
+        check_same_run(config, resolved, saved_config(checkpoints[-1]), out)
     parts = load_frozen_parts(config)
     size = config.data.resolution or parts.native_size
     if size % parts.scale:
