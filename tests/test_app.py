@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lambda_eclipse.app import DemoConfig, GenerateForm, form_from_values, form_request, run_generate
+from lambda_eclipse.app import (DemoConfig, GenerateForm, form_from_values, form_request, interpolate_form_from_values,
+                                run_generate, run_interpolate, segment_or_note)
 from lambda_eclipse.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +100,64 @@ def test_run_generate_saves_pngs_with_metadata_and_reports_each_step(tiny_pipe, 
     assert np.array_equal(np.asarray(Image.open(again[0][0])), np.asarray(first))
 
 
-def test_demo_command_passes_its_flags(monkeypatch):
+def test_subject_scale_edge_strength_and_segment_reach_the_pipeline(pictures):
+    dog, _, _ = pictures
+    form = form_from_values("a dog", ["dog"], [[dog]], None, 0, 1, 5, 4.0, "ddim", None, None, 0.0, 1.5, True)
+    assert (form.subject_scale, form.edge_strength, form.segment) == (0.0, 1.5, True)
+    kwargs, _ = form_request(form)
+    assert (kwargs["subject_scale"], kwargs["edge_strength"]) == (0.0, 1.5)
+    with pytest.raises(UserError, match="^subject scale"):
+        form_request(GenerateForm("a dog", subject_scale=3.0))
+
+
+def test_segmentation_that_cannot_run_is_a_note_and_the_pictures_are_used_as_uploaded(tiny_pipe, pictures, tmp_path):
+    dog, _, _ = pictures
+    picture = Image.open(dog)
+    cut = Image.new("RGB", (8, 8), "white")
+    assert segment_or_note({"dog": picture}, tmp_path, lambda subjects, out: {"dog": cut}) == ({"dog": cut}, "")
+
+    def cannot_load(subjects, out):
+        raise UserError("--segment cannot load its detector/segmenter (offline)")
+
+    subjects, note = segment_or_note({"dog": picture}, tmp_path, cannot_load)
+    assert subjects == {"dog": picture} and note.startswith("segmentation skipped") and "offline" in note
+    notes = []
+    form = GenerateForm("a dog on the beach", [("dog", [dog])], num_images=1, steps=2, segment=True, subject_scale=0.5)
+    saved = run_generate(tiny_pipe, form, tmp_path / "out", "tiny", on_note=notes.append, segment=cannot_load,
+                         decoder={"lora": "l.safetensors", "lora_scale": 0.5})
+    assert len(saved) == 1 and notes == [note]
+    settings = json.loads(Image.open(saved[0][0]).text["settings"])
+    assert (settings["segment"], settings["subject_scale"], settings["lora"], settings["lora_scale"]) == (True, 0.5, "l.safetensors", 0.5)
+    assert "subject scale 0.5" in saved[0][1]
+
+
+def test_interpolate_tab_writes_the_grid_and_gif_with_the_cli_writer(tiny_pipe, pictures, tmp_path):
+    dog, cat, _ = pictures
+    form = interpolate_form_from_values(2, ["a dog on the beach", "a cat in the snow", None, None],
+                                        ["dog", "cat", None, None], [[dog], [cat, dog], None, None], 3, "lerp", 2, 2, 2.0)
+    assert form.corners == [("a dog on the beach", [("dog", [dog])]), ("a cat in the snow", [("cat", [cat, dog])])]
+    written = run_interpolate(tiny_pipe, form, tmp_path / "out", "tiny")
+    assert len(written["frames"]) == 3 and written["gif"].suffix == ".gif" and Image.open(written["gif"]).n_frames == 3
+    grid = Image.open(written["grid"])
+    assert json.loads(grid.text["corners"])[1]["subjects"] == {"cat": ["cat.png", "dog.png"]}
+    with pytest.raises(UserError, match="corner 2 \\(end / top-right\\) has no prompt"):
+        interpolate_form_from_values(2, ["a dog", " ", "", ""], [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
+    with pytest.raises(UserError, match="2 corners .* or 4"):
+        interpolate_form_from_values(3, ["a"] * 4, [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
+
+
+def test_demo_command_passes_its_flags(monkeypatch, tmp_path):
     from lambda_eclipse import app, cli
 
     seen = {}
     monkeypatch.setattr(app, "launch_demo", lambda config, block=True: seen.update(config=config, block=block))
     assert cli.main(["demo", "--model", "m", "--host", "0.0.0.0", "--port", "8123", "--out", "o"]) == 0
     assert seen == {"config": DemoConfig(model="m", host="0.0.0.0", port=8123, out="o"), "block": True}
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    assert cli.main(["demo", "--unet", str(tmp_path), "--lora", str(lora), "--lora-scale", "0.5"]) == 0
+    assert (seen["config"].unet, seen["config"].lora, seen["config"].lora_scale) == (str(tmp_path), str(lora), 0.5)
+    assert cli.main(["demo", "--lora", str(tmp_path / "missing")]) == 2
 
 
 def test_demo_without_gradio_is_one_line(monkeypatch, capsys):
@@ -125,7 +177,7 @@ def api_args(prompt: str, subjects: list[tuple[str, str]], rows: int = 6, seed: 
     words = [w for w, _ in subjects] + [""] * (rows - len(subjects))
     files = [[handle_file(f)] for _, f in subjects] + [None] * (rows - len(subjects))
     return [prompt, max(len(subjects), 1), *words, *files, None, seed, num_images, steps, 2.0, "model default",
-            size, size]
+            size, size, 1.0, 1.0, False]
 
 
 @pytest.fixture
