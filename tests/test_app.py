@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -230,6 +231,24 @@ def test_api_serves_two_concurrent_requests_and_survives_a_bad_upload(tiny_app, 
         assert np.abs(served - direct).max() <= 1 / 255 + 1e-6
 
     client = Client(url, verbose=False)
+    # the parameters are named: a request by keyword, with segmentation that cannot load offline (a note, and the
+    # picture used as uploaded) and an interpolation through its own endpoint
+    from gradio_client import handle_file
+
+    named = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")
+             ["named_endpoints"]["/generate"]["parameters"]]
+    assert named[:3] == ["prompt", "subject_rows", "word_1"] and named[-3:] == ["subject_scale", "edge_strength", "segment"]
+    gallery, _, note = client.predict(*api_args("a dog on the beach", [("dog", dog)])[:-3], subject_scale=0.5,
+                                      edge_strength=1.0, segment=True, api_name="/generate")
+    assert len(gallery) == 1 and "segmentation skipped" in note and "subject scale 0.5" in gallery[0]["caption"]
+    grid, gif, files, note = client.predict(
+        corners=2, prompt_1="a dog on the beach", prompt_2="a cat wearing a hat", prompt_3="", prompt_4="",
+        word_1="dog", word_2="cat", word_3="", word_4="", pictures_1=[handle_file(dog)], pictures_2=[handle_file(cat)],
+        pictures_3=None, pictures_4=None, frames=3, path="slerp", seed=1, steps=2, guidance=2.0, subject_scale=1.0,
+        api_name="/interpolate")
+    assert note.startswith("3 frames in") and gif.endswith(".gif") and Image.open(gif).n_frames == 3
+    assert len(files) == 6 and sum("-frame" in Path(f).name for f in files) == 3  # + grid, GIF, embeddings
+
     with pytest.raises(Exception, match="is not an image PIL can read"):
         client.predict(*api_args("a dog on the beach", [("dog", bad)]), api_name="/generate")
     gallery, _, _ = client.predict(*api_args("a dog on the beach", [("dog", dog)], num_images=2), api_name="/generate")
@@ -305,6 +324,20 @@ def test_in_a_real_browser(tmp_path, pictures):
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             if screenshot:
                 page.screenshot(path=screenshot, full_page=True)
+
+            # an interpolation: 2 corners, 3 frames a side -> the labelled grid and the GIF of the line
+            page.get_by_role("tab", name="Interpolate").click()
+            page.fill("#corner-prompt-0 textarea", "a ball on a teal grid background")
+            page.fill("#corner-word-0 textarea", "ball")
+            page.set_input_files("#corner-files-0 input[type=file]", str(EXAMPLES / "ball.png"))
+            page.fill("#corner-prompt-1 textarea", "a star on a lavender gradient background")
+            set_number("frames", 3)
+            set_number("interpolate-steps", 5)
+            page.click("#interpolate")
+            sync_api.expect(page.locator("#interpolate-timing")).to_contain_text("3 frames in", timeout=120_000)
+            sync_api.expect(page.locator("#grid img")).to_have_count(1)
+            sync_api.expect(page.locator("#gif img")).to_have_attribute("src", re.compile(r"\.gif"))
+            sync_api.expect(page.locator("#interpolate-downloads")).to_contain_text("frame002")
             browser.close()
     finally:
         demo.close()
