@@ -338,6 +338,9 @@ def test_in_a_real_browser(tmp_path, pictures):
             sync_api.expect(page.locator("#grid img")).to_have_count(1)
             sync_api.expect(page.locator("#gif img")).to_have_attribute("src", re.compile(r"\.gif"))
             sync_api.expect(page.locator("#interpolate-downloads")).to_contain_text("frame002")
+            if screenshot:  # docs/demo-interpolate.png beside docs/demo.png
+                shot = Path(screenshot)
+                page.screenshot(path=str(shot.with_name(f"{shot.stem}-interpolate{shot.suffix}")), full_page=True)
             browser.close()
     finally:
         demo.close()

@@ -12,6 +12,7 @@ Gradio is an optional dependency (the ``demo`` extra) and is imported only insid
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import tempfile
@@ -31,6 +32,8 @@ EXAMPLES = [  # prompt, [(word, image file in examples/)], number of images
     ("a picture of a star on a beige plain background", [("star", "star.png")], 4),
 ]
 SCHEDULER_DEFAULT = "model default"
+# The interpolation's grid and GIF are as small as the model's images: shown enlarged, pixels kept sharp.
+PAGE_CSS = "#grid img, #gif img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 # How check_inputs names the arguments it complains about, in the page's labels.
 FIELD_NAMES = {"num_images_per_prompt": "number of images", "num_inference_steps": "steps",
                "guidance_scale": "guidance", "height": "height", "width": "width", "edge_image": "edge image",
@@ -353,7 +356,8 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
         ["corners", *[f"{what}_{k + 1}" for what in ("prompt", "word", "pictures") for k in range(4)],
          "frames", "path", "seed", "steps", "guidance", "subject_scale"], gr.Progress())
 
-    with gr.Blocks(title="λ-ECLIPSE") as demo:
+    css_in_launch = "css" in inspect.signature(gr.Blocks.launch).parameters  # Gradio 6 moved it there
+    with gr.Blocks(title="λ-ECLIPSE", **({} if css_in_launch else {"css": PAGE_CSS})) as demo:
         gr.Markdown("# λ-ECLIPSE\nPersonalized text-to-image in the CLIP latent space. Type a prompt, bind its "
                     "words to pictures of your subjects (shown on white, as the model sees them), and generate. "
                     f"Model: {shown_model}.")
@@ -467,8 +471,10 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
             i_run = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
             i_note = gr.Markdown(elem_id="interpolate-timing")
             with gr.Row():
-                grid = gr.Image(label="grid (corners labelled)", type="filepath", interactive=False, elem_id="grid")
-                gif = gr.Image(label="GIF of the line (2 corners)", type="filepath", interactive=False, elem_id="gif")
+                grid = gr.Image(label="grid (corners labelled)", type="filepath", interactive=False, elem_id="grid",
+                                height=360)
+                gif = gr.Image(label="GIF of the line (2 corners)", type="filepath", interactive=False, elem_id="gif",
+                               height=360)
             i_files = gr.File(label="frames (PNG, corners and weights in their metadata), grid, GIF, embeddings",
                               file_count="multiple", elem_id="interpolate-downloads")
             corner_count.change(lambda n: [gr.update(visible=k < int(n)) for k in range(4)], corner_count,
@@ -479,11 +485,9 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
     return demo
 
 
-def _named_signature(names: list[str], progress) -> "inspect.Signature":
+def _named_signature(names: list[str], progress) -> inspect.Signature:
     """A signature of positional parameters ``names`` then ``progress=<gr.Progress>``: how Gradio names an
     endpoint's parameters in its API (and where it passes its progress tracker)."""
-    import inspect
-
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return inspect.Signature([*(inspect.Parameter(n, kind) for n in names),
                               inspect.Parameter("progress", kind, default=progress)])
@@ -505,6 +509,7 @@ def launch_demo(config: DemoConfig, block: bool = True, pipe=None):
     demo = build_demo(pipe, config, model)
     demo.queue(default_concurrency_limit=1, max_size=64)  # generation shares one slot (see build_demo)
     allowed = [str(EXAMPLES_DIR)] + ([str(Path(config.out).resolve())] if config.out else [])
+    css = {"css": PAGE_CSS} if "css" in inspect.signature(demo.launch).parameters else {}  # Gradio 6
     demo.launch(server_name=config.host, server_port=config.port, prevent_thread_lock=not block, quiet=not block,
-                allowed_paths=allowed, show_error=False)
+                allowed_paths=allowed, show_error=False, **css)
     return demo
