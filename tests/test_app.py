@@ -103,10 +103,10 @@ def test_run_generate_saves_pngs_with_metadata_and_reports_each_step(tiny_pipe, 
 
 def test_subject_scale_edge_strength_and_segment_reach_the_pipeline(pictures):
     dog, _, _ = pictures
-    form = form_from_values("a dog", ["dog"], [[dog]], None, 0, 1, 5, 4.0, "ddim", None, None, 0.0, 1.5, True)
-    assert (form.subject_scale, form.edge_strength, form.segment) == (0.0, 1.5, True)
+    form = form_from_values("a dog", ["dog"], [[dog]], None, 0, 1, 5, 4.0, "ddim", None, None, 0.0, 1.5, True, True)
+    assert (form.subject_scale, form.edge_strength, form.segment, form.edge_is_map) == (0.0, 1.5, True, True)
     kwargs, _ = form_request(form)
-    assert (kwargs["subject_scale"], kwargs["edge_strength"]) == (0.0, 1.5)
+    assert (kwargs["subject_scale"], kwargs["edge_strength"], kwargs["edge_is_map"]) == (0.0, 1.5, True)
     with pytest.raises(UserError, match="^subject scale"):
         form_request(GenerateForm("a dog", subject_scale=3.0))
 
@@ -178,7 +178,7 @@ def api_args(prompt: str, subjects: list[tuple[str, str]], rows: int = 6, seed: 
     words = [w for w, _ in subjects] + [""] * (rows - len(subjects))
     files = [[handle_file(f)] for _, f in subjects] + [None] * (rows - len(subjects))
     return [prompt, max(len(subjects), 1), *words, *files, None, seed, num_images, steps, 2.0, "model default",
-            size, size, 1.0, 1.0, False]
+            size, size, 1.0, 1.0, False, False]
 
 
 @pytest.fixture
@@ -237,9 +237,9 @@ def test_api_serves_two_concurrent_requests_and_survives_a_bad_upload(tiny_app, 
 
     named = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")
              ["named_endpoints"]["/generate"]["parameters"]]
-    assert named[:3] == ["prompt", "subject_rows", "word_1"] and named[-3:] == ["subject_scale", "edge_strength", "segment"]
-    gallery, _, note = client.predict(*api_args("a dog on the beach", [("dog", dog)])[:-3], subject_scale=0.5,
-                                      edge_strength=1.0, segment=True, api_name="/generate")
+    assert named[:3] == ["prompt", "subject_rows", "word_1"] and named[-4:] == ["subject_scale", "edge_strength", "segment", "edge_is_map"]
+    gallery, _, note = client.predict(*api_args("a dog on the beach", [("dog", dog)])[:-4], subject_scale=0.5,
+                                      edge_strength=1.0, segment=True, edge_is_map=False, api_name="/generate")
     assert len(gallery) == 1 and "segmentation skipped" in note and "subject scale 0.5" in gallery[0]["caption"]
     grid, gif, files, note = client.predict(
         corners=2, prompt_1="a dog on the beach", prompt_2="a cat wearing a hat", prompt_3="", prompt_4="",

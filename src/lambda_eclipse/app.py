@@ -81,6 +81,7 @@ class GenerateForm:
     subject_scale: float = 1.0  # 0 text only .. 1 the paper .. 2
     edge_strength: float = 1.0  # 0 no edge .. 1 the edge map .. 2
     segment: bool = False  # cut each subject out of its picture onto white first (when the segmenter loads)
+    edge_is_map: bool = False  # the edge picture is an edge map already (used as is, not Canny'd)
 
 
 def _whole_number(value: Any, label: str) -> int:
@@ -92,7 +93,8 @@ def _whole_number(value: Any, label: str) -> int:
 
 def form_from_values(prompt: str, words: list[str | None], files: list[Any], edge: str | None, seed: Any,
                      num_images: Any, steps: Any, guidance: Any, scheduler: str | None, height: Any,
-                     width: Any, subject_scale: Any = 1.0, edge_strength: Any = 1.0, segment: Any = False) -> GenerateForm:
+                     width: Any, subject_scale: Any = 1.0, edge_strength: Any = 1.0, segment: Any = False,
+                     edge_is_map: Any = False) -> GenerateForm:
     """The page's raw values -> a :class:`GenerateForm`. Blank subject rows are skipped; a row with a word and no
     image, or images and no word, is a mistake. ``files``: per row, None, one path or a list of paths."""
     subjects = []
@@ -113,7 +115,7 @@ def form_from_values(prompt: str, words: list[str | None], files: list[Any], edg
         guidance=guidance, scheduler=None if scheduler in (None, "", SCHEDULER_DEFAULT) else scheduler,
         height=None if height in (None, "") else _whole_number(height, "height"),
         width=None if width in (None, "") else _whole_number(width, "width"),
-        subject_scale=subject_scale, edge_strength=edge_strength, segment=bool(segment),
+        subject_scale=subject_scale, edge_strength=edge_strength, segment=bool(segment), edge_is_map=bool(edge_is_map),
     )
 
 
@@ -139,6 +141,7 @@ def form_request(form: GenerateForm, pipe=None) -> tuple[dict[str, Any], list[in
         subjects=subjects or None, edge_image=edge, num_images_per_prompt=form.num_images,
         num_inference_steps=form.steps, guidance_scale=form.guidance, height=form.height, width=form.width,
         scheduler=form.scheduler, subject_scale=form.subject_scale, edge_strength=form.edge_strength,
+        edge_is_map=form.edge_is_map,
     )
     check_inputs(form.prompt, **kwargs, pipeline=pipe, names=FIELD_NAMES)
     try:
@@ -196,8 +199,7 @@ def run_generate(pipe, form: GenerateForm, out: str | Path, model: str = "",
     # as `generate` writes them: only when set, so that earlier requests keep their names
     settings.update({k: v for k, v in (("subject_scale", form.subject_scale), ("edge_strength", form.edge_strength))
                      if v != 1.0})
-    if form.segment:
-        settings["segment"] = True
+    settings.update({k: True for k in ("segment", "edge_is_map") if getattr(form, k)})
     request = {"subjects": subjects, **settings}
     saved = []
     for seed, image in zip(seeds, images):
@@ -331,7 +333,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
         return gallery, [str(path) for path, _ in saved], note
 
     settings_names = ["edge", "seed", "num_images", "steps", "guidance", "scheduler", "height", "width",
-                      "subject_scale", "edge_strength", "segment"]
+                      "subject_scale", "edge_strength", "segment", "edge_is_map"]
     # The API's parameter names (Gradio reads them from the signature; a *values function would show param_N).
     generate.__signature__ = _named_signature(
         ["prompt", "subject_rows", *[f"word_{i + 1}" for i in range(rows_max)],
@@ -384,6 +386,8 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
                         with gr.Row():
                             edge = gr.Image(label="layout picture", type="filepath", elem_id="edge")
                             edge_preview = gr.Image(label="its Canny edges, as the prior sees them", interactive=False)
+                        edge_is_map = gr.Checkbox(False, label="the picture is an edge map already (used as is)",
+                                                  elem_id="edge-is-map")
                 with gr.Column(scale=2):
                     with gr.Row():
                         seed = gr.Number(label="seed (image i uses seed + i)", value=0, precision=0, elem_id="seed")
@@ -411,7 +415,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
                                 file_count="multiple", elem_id="downloads")
 
             settings = [edge, seed, num_images, steps, guidance, scheduler, height, width, subject_scale,
-                        edge_strength, segment]  # in settings_names' order
+                        edge_strength, segment, edge_is_map]  # in settings_names' order
             inputs = [prompt, count, *words, *files, *settings]
             outputs = [gallery, downloads, note]
             # Every way of generating shares one queue slot: one request at a time reaches the model (the pipeline's
@@ -430,8 +434,13 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
             for upload, preview in zip(files, previews):
                 upload.change(lambda paths: shown(paths, "subject image", prepare_subject_image), upload, preview,
                               api_name=False)
-            edge.change(lambda path: (shown(path, "edge image", canny_edges) or [None])[0], edge, edge_preview,
-                        api_name=False)
+
+            def show_edge(path, is_map):
+                return (shown(path, "edge image", (lambda image: image.convert("RGB")) if is_map else canny_edges)
+                        or [None])[0]
+
+            edge_is_map.change(show_edge, [edge, edge_is_map], edge_preview, api_name=False)
+            edge.change(show_edge, [edge, edge_is_map], edge_preview, api_name=False)
 
             used = max(len(subjects) for _, subjects, _ in EXAMPLES)
             if EXAMPLES_DIR.is_dir() and used <= rows_max:
