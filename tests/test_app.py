@@ -141,6 +141,10 @@ def test_interpolate_tab_writes_the_grid_and_gif_with_the_cli_writer(tiny_pipe, 
     assert len(written["frames"]) == 3 and written["gif"].suffix == ".gif" and Image.open(written["gif"]).n_frames == 3
     grid = Image.open(written["grid"])
     assert json.loads(grid.text["corners"])[1]["subjects"] == {"cat": ["cat.png", "dog.png"]}
+    grid4 = run_interpolate(tiny_pipe, interpolate_form_from_values(
+        4, ["a dog", "a cat", "a dog at night", "a cat at night"], ["dog", "", "", "cat"], [[dog], None, None, [cat]],
+        2, "slerp", 0, 2, 2.0), tmp_path / "out", "tiny")
+    assert len(grid4["frames"]) == 4 and grid4["gif"] is None  # a 2 × 2 grid; a GIF only for a line
     with pytest.raises(UserError, match="corner 2 \\(end / top-right\\) has no prompt"):
         interpolate_form_from_values(2, ["a dog", " ", "", ""], [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
     with pytest.raises(UserError, match="2 corners .* or 4"):
@@ -253,6 +257,35 @@ def test_api_serves_two_concurrent_requests_and_survives_a_bad_upload(tiny_app, 
         client.predict(*api_args("a dog on the beach", [("dog", bad)]), api_name="/generate")
     gallery, _, _ = client.predict(*api_args("a dog on the beach", [("dog", dog)], num_images=2), api_name="/generate")
     assert len(gallery) == 2
+
+
+@pytest.mark.slow
+def test_demo_serves_a_fine_tuned_unet(tmp_path):
+    """`demo --unet DIR`: the served pipeline decodes with the UNet in DIR, and the page names it."""
+    pytest.importorskip("gradio")
+    import torch
+    from gradio_client import Client
+    from tiny import tiny_pipeline
+
+    from lambda_eclipse.app import launch_demo
+
+    pipe = tiny_pipeline()
+    tuned = tiny_pipeline().unet
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(0.01)
+    tuned.save_pretrained(tmp_path / "run" / "unet")
+    port = free_port()
+    demo = launch_demo(DemoConfig(model="tiny", port=port, out=str(tmp_path / "out"), unet=str(tmp_path / "run")),
+                       block=False, pipe=pipe)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), tuned.parameters()))
+        assert f"unet `{tmp_path / 'run'}`" in str(demo.config)
+        gallery, _, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            *api_args("a dog on the beach", []), api_name="/generate")
+        assert json.loads(Image.open(gallery[0]["image"]).text["settings"])["unet"] == str(tmp_path / "run")
+    finally:
+        demo.close()
 
 
 @pytest.mark.slow
