@@ -1,9 +1,10 @@
 """`lambda-eclipse demo`: the web demo (Gradio), every generation knob in a browser, offline on the bundled model.
 
-The page is a thin layer over three plain functions that tests call without a browser:
+The page is a thin layer over plain functions that tests call without a browser:
 :func:`form_request` turns the form's values into the pipeline's call arguments (the one place a new knob is
 added), :func:`run_generate` runs one request and saves its PNGs through :func:`lambda_eclipse.outputs.save_png`,
-and :func:`build_demo` lays out the page. User mistakes (a word not in the prompt, an unreadable upload, a bad
+:func:`run_interpolate` runs the Interpolate tab's request and writes it with the `interpolate` command's writer,
+and :func:`build_demo` lays out the page (two tabs; each endpoint's API parameters are named). User mistakes (a word not in the prompt, an unreadable upload, a bad
 size) are :class:`~lambda_eclipse.errors.UserError` and become a message in the page (``gr.Error``), never a
 traceback; one request at a time reaches the model (Gradio's queue), so two visitors never collide.
 
