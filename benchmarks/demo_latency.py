@@ -61,7 +61,7 @@ def main() -> None:
         rows = 6  # DemoConfig.max_subjects
         values = [PROMPT, len(SUBJECTS), *[w for w, _ in SUBJECTS], *[""] * (rows - 2),
                   *[[handle_file(str(p))] for _, p in SUBJECTS], *[None] * (rows - 2),
-                  None, 0, 4, 25, 4.0, "model default", 32, 32]
+                  None, 0, 4, 25, 4.0, "model default", 32, 32, 1.0, 1.0, False, False]  # ..., subject scale, edge strength, segment, edge is a map
         demo_times = []
         for _ in range(args.repeats):
             tick = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lambda_eclipse.app import DemoConfig, GenerateForm, form_from_values, form_request, run_generate
+from lambda_eclipse.app import (DemoConfig, GenerateForm, form_from_values, form_request, interpolate_form_from_values,
+                                run_generate, run_interpolate, segment_or_note)
 from lambda_eclipse.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +101,68 @@ def test_run_generate_saves_pngs_with_metadata_and_reports_each_step(tiny_pipe, 
     assert np.array_equal(np.asarray(Image.open(again[0][0])), np.asarray(first))
 
 
-def test_demo_command_passes_its_flags(monkeypatch):
+def test_subject_scale_edge_strength_and_segment_reach_the_pipeline(pictures):
+    dog, _, _ = pictures
+    form = form_from_values("a dog", ["dog"], [[dog]], None, 0, 1, 5, 4.0, "ddim", None, None, 0.0, 1.5, True, True)
+    assert (form.subject_scale, form.edge_strength, form.segment, form.edge_is_map) == (0.0, 1.5, True, True)
+    kwargs, _ = form_request(form)
+    assert (kwargs["subject_scale"], kwargs["edge_strength"], kwargs["edge_is_map"]) == (0.0, 1.5, True)
+    with pytest.raises(UserError, match="^subject scale"):
+        form_request(GenerateForm("a dog", subject_scale=3.0))
+
+
+def test_segmentation_that_cannot_run_is_a_note_and_the_pictures_are_used_as_uploaded(tiny_pipe, pictures, tmp_path):
+    dog, _, _ = pictures
+    picture = Image.open(dog)
+    cut = Image.new("RGB", (8, 8), "white")
+    assert segment_or_note({"dog": picture}, tmp_path, lambda subjects, out: {"dog": cut}) == ({"dog": cut}, "")
+
+    def cannot_load(subjects, out):
+        raise UserError("--segment cannot load its detector/segmenter (offline)")
+
+    subjects, note = segment_or_note({"dog": picture}, tmp_path, cannot_load)
+    assert subjects == {"dog": picture} and note.startswith("segmentation skipped") and "offline" in note
+    notes = []
+    form = GenerateForm("a dog on the beach", [("dog", [dog])], num_images=1, steps=2, segment=True, subject_scale=0.5)
+    saved = run_generate(tiny_pipe, form, tmp_path / "out", "tiny", on_note=notes.append, segment=cannot_load,
+                         decoder={"lora": "l.safetensors", "lora_scale": 0.5})
+    assert len(saved) == 1 and notes == [note]
+    settings = json.loads(Image.open(saved[0][0]).text["settings"])
+    assert (settings["segment"], settings["subject_scale"], settings["lora"], settings["lora_scale"]) == (True, 0.5, "l.safetensors", 0.5)
+    assert "subject scale 0.5" in saved[0][1]
+
+
+def test_interpolate_tab_writes_the_grid_and_gif_with_the_cli_writer(tiny_pipe, pictures, tmp_path):
+    dog, cat, _ = pictures
+    form = interpolate_form_from_values(2, ["a dog on the beach", "a cat in the snow", None, None],
+                                        ["dog", "cat", None, None], [[dog], [cat, dog], None, None], 3, "lerp", 2, 2, 2.0)
+    assert form.corners == [("a dog on the beach", [("dog", [dog])]), ("a cat in the snow", [("cat", [cat, dog])])]
+    written = run_interpolate(tiny_pipe, form, tmp_path / "out", "tiny")
+    assert len(written["frames"]) == 3 and written["gif"].suffix == ".gif" and Image.open(written["gif"]).n_frames == 3
+    grid = Image.open(written["grid"])
+    assert json.loads(grid.text["corners"])[1]["subjects"] == {"cat": ["cat.png", "dog.png"]}
+    grid4 = run_interpolate(tiny_pipe, interpolate_form_from_values(
+        4, ["a dog", "a cat", "a dog at night", "a cat at night"], ["dog", "", "", "cat"], [[dog], None, None, [cat]],
+        2, "slerp", 0, 2, 2.0), tmp_path / "out", "tiny")
+    assert len(grid4["frames"]) == 4 and grid4["gif"] is None  # a 2 × 2 grid; a GIF only for a line
+    with pytest.raises(UserError, match="corner 2 \\(end / top-right\\) has no prompt"):
+        interpolate_form_from_values(2, ["a dog", " ", "", ""], [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
+    with pytest.raises(UserError, match="2 corners .* or 4"):
+        interpolate_form_from_values(3, ["a"] * 4, [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
+
+
+def test_demo_command_passes_its_flags(monkeypatch, tmp_path):
     from lambda_eclipse import app, cli
 
     seen = {}
     monkeypatch.setattr(app, "launch_demo", lambda config, block=True: seen.update(config=config, block=block))
     assert cli.main(["demo", "--model", "m", "--host", "0.0.0.0", "--port", "8123", "--out", "o"]) == 0
     assert seen == {"config": DemoConfig(model="m", host="0.0.0.0", port=8123, out="o"), "block": True}
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    assert cli.main(["demo", "--unet", str(tmp_path), "--lora", str(lora), "--lora-scale", "0.5"]) == 0
+    assert (seen["config"].unet, seen["config"].lora, seen["config"].lora_scale) == (str(tmp_path), str(lora), 0.5)
+    assert cli.main(["demo", "--lora", str(tmp_path / "missing")]) == 2
 
 
 def test_demo_without_gradio_is_one_line(monkeypatch, capsys):
@@ -125,7 +182,7 @@ def api_args(prompt: str, subjects: list[tuple[str, str]], rows: int = 6, seed: 
     words = [w for w, _ in subjects] + [""] * (rows - len(subjects))
     files = [[handle_file(f)] for _, f in subjects] + [None] * (rows - len(subjects))
     return [prompt, max(len(subjects), 1), *words, *files, None, seed, num_images, steps, 2.0, "model default",
-            size, size]
+            size, size, 1.0, 1.0, False, False]
 
 
 @pytest.fixture
@@ -178,10 +235,57 @@ def test_api_serves_two_concurrent_requests_and_survives_a_bad_upload(tiny_app, 
         assert np.abs(served - direct).max() <= 1 / 255 + 1e-6
 
     client = Client(url, verbose=False)
+    # the parameters are named: a request by keyword, with segmentation that cannot load offline (a note, and the
+    # picture used as uploaded) and an interpolation through its own endpoint
+    from gradio_client import handle_file
+
+    named = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")
+             ["named_endpoints"]["/generate"]["parameters"]]
+    assert named[:3] == ["prompt", "subject_rows", "word_1"] and named[-4:] == ["subject_scale", "edge_strength", "segment", "edge_is_map"]
+    gallery, _, note = client.predict(*api_args("a dog on the beach", [("dog", dog)])[:-4], subject_scale=0.5,
+                                      edge_strength=1.0, segment=True, edge_is_map=False, api_name="/generate")
+    assert len(gallery) == 1 and "segmentation skipped" in note and "subject scale 0.5" in gallery[0]["caption"]
+    grid, gif, files, note = client.predict(
+        corners=2, prompt_1="a dog on the beach", prompt_2="a cat wearing a hat", prompt_3="", prompt_4="",
+        word_1="dog", word_2="cat", word_3="", word_4="", pictures_1=[handle_file(dog)], pictures_2=[handle_file(cat)],
+        pictures_3=None, pictures_4=None, frames=3, path="slerp", seed=1, steps=2, guidance=2.0, subject_scale=1.0,
+        api_name="/interpolate")
+    assert note.startswith("3 frames in") and gif.endswith(".gif") and Image.open(gif).n_frames == 3
+    assert len(files) == 6 and sum("-frame" in Path(f).name for f in files) == 3  # + grid, GIF, embeddings
+
     with pytest.raises(Exception, match="is not an image PIL can read"):
         client.predict(*api_args("a dog on the beach", [("dog", bad)]), api_name="/generate")
     gallery, _, _ = client.predict(*api_args("a dog on the beach", [("dog", dog)], num_images=2), api_name="/generate")
     assert len(gallery) == 2
+
+
+@pytest.mark.slow
+def test_demo_serves_a_fine_tuned_unet(tmp_path):
+    """`demo --unet DIR`: the served pipeline decodes with the UNet in DIR, and the page names it."""
+    pytest.importorskip("gradio")
+    import torch
+    from gradio_client import Client
+    from tiny import tiny_pipeline
+
+    from lambda_eclipse.app import launch_demo
+
+    pipe = tiny_pipeline()
+    tuned = tiny_pipeline().unet
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(0.01)
+    tuned.save_pretrained(tmp_path / "run" / "unet")
+    port = free_port()
+    demo = launch_demo(DemoConfig(model="tiny", port=port, out=str(tmp_path / "out"), unet=str(tmp_path / "run")),
+                       block=False, pipe=pipe)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), tuned.parameters()))
+        assert f"unet `{tmp_path / 'run'}`" in str(demo.config)
+        gallery, _, _ = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            *api_args("a dog on the beach", []), api_name="/generate")
+        assert json.loads(Image.open(gallery[0]["image"]).text["settings"])["unet"] == str(tmp_path / "run")
+    finally:
+        demo.close()
 
 
 @pytest.mark.slow
@@ -253,6 +357,23 @@ def test_in_a_real_browser(tmp_path, pictures):
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             if screenshot:
                 page.screenshot(path=screenshot, full_page=True)
+
+            # an interpolation: 2 corners, 3 frames a side -> the labelled grid and the GIF of the line
+            page.get_by_role("tab", name="Interpolate").click()
+            page.fill("#corner-prompt-0 textarea", "a ball on a teal grid background")
+            page.fill("#corner-word-0 textarea", "ball")
+            page.set_input_files("#corner-files-0 input[type=file]", str(EXAMPLES / "ball.png"))
+            page.fill("#corner-prompt-1 textarea", "a star on a lavender gradient background")
+            set_number("frames", 3)
+            set_number("interpolate-steps", 5)
+            page.click("#interpolate")
+            sync_api.expect(page.locator("#interpolate-timing")).to_contain_text("3 frames in", timeout=120_000)
+            sync_api.expect(page.locator("#grid img")).to_have_count(1)
+            sync_api.expect(page.locator("#gif img")).to_have_attribute("src", re.compile(r"\.gif"))
+            sync_api.expect(page.locator("#interpolate-downloads")).to_contain_text("frame002")
+            if screenshot:  # docs/demo-interpolate.png beside docs/demo.png
+                shot = Path(screenshot)
+                page.screenshot(path=str(shot.with_name(f"{shot.stem}-interpolate{shot.suffix}")), full_page=True)
             browser.close()
     finally:
         demo.close()

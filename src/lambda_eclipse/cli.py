@@ -737,11 +737,17 @@ def _features_validate_command(ns: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- demo
-def demo(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, out: str | None = None) -> None:
+def demo(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, out: str | None = None,
+         unet: str | None = None, lora: str | None = None, lora_scale: float = 1.0) -> None:
     """Serve the web demo (Gradio, the ``demo`` extra) until interrupted; see :mod:`lambda_eclipse.app`."""
     from . import app
 
-    app.launch_demo(app.DemoConfig(model=model, host=host, port=port, out=out), block=True)
+    if unet is not None and not Path(unet).is_dir():
+        raise UserError(f"--unet {unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
+    if lora is not None and not Path(lora).is_file():
+        raise UserError(f"--lora {lora!r} does not exist; give the lora.safetensors finetune-decoder wrote")
+    app.launch_demo(app.DemoConfig(model=model, host=host, port=port, out=out, unet=unet, lora=lora,
+                                   lora_scale=lora_scale), block=True)
 
 
 def add_demo_parser(commands) -> None:
@@ -751,7 +757,10 @@ def add_demo_parser(commands) -> None:
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     web.add_argument("--out", help="folder that keeps every generated PNG (default: a temporary folder)")
-    web.set_defaults(func=lambda ns: demo(ns.model, ns.host, ns.port, ns.out))
+    web.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
+    web.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
+    web.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    web.set_defaults(func=lambda ns: demo(ns.model, ns.host, ns.port, ns.out, ns.unet, ns.lora, ns.lora_scale))
 
 
 def build_parser() -> argparse.ArgumentParser:
