@@ -1,6 +1,7 @@
 """finetune-decoder (Eq. 2, full or LoRA): data layout, loss, exports, LoRA load/unload, generate --unet/--lora,
 one-line refusals that write nothing, and (slow) bitwise resume of a SIGKILLed run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -295,3 +296,21 @@ def test_a_run_folder_refuses_another_run(runs, model_dir, concepts):
     with pytest.raises(UserError, match="another data.resolution"):
         finetune_decoder(_config(model_dir, concepts, runs["full"], "data.resolution=8"))
     assert sorted((runs["full"] / "cache").iterdir()) == caches  # refused before encoding anything
+
+
+def test_interpolate_and_evaluate_take_the_fine_tuned_decoder(runs, model_dir, tmp_path, capsys):
+    """Every command that decodes takes --unet/--lora: interpolate decodes with the tuned UNet (and records it),
+    evaluate refuses a missing adapter in one line before loading anything."""
+    frames = {}
+    for name, flags in (("base", []), ("tuned", ["--unet", runs["full"]])):
+        out = tmp_path / name
+        assert main(["interpolate", "--corner", "a dog", "--corner", "a cat", "--frames", "2", "--steps", "2",
+                     "--model", str(model_dir), "--out", str(out), "--quiet", *map(str, flags)]) == 0
+        (frame,) = [p for p in sorted(out.glob("*.png")) if "grid" not in p.name][:1]
+        frames[name] = (np.asarray(Image.open(frame)), Image.open(frame).text)
+    assert not np.array_equal(frames["base"][0], frames["tuned"][0])
+    assert str(runs["full"]) in json.dumps(frames["tuned"][1]) and "unet" not in frames["base"][1].get("settings", "")
+    capsys.readouterr()
+    assert main(["evaluate", "dreambench", "--dataset-dir", str(tmp_path), "--out", str(tmp_path / "ev"),
+                 "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--lora" in capsys.readouterr().err and not (tmp_path / "ev").exists()

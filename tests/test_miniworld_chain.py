@@ -3,6 +3,8 @@ eval and generate on the bundle through the same commands users run."""
 
 import json
 
+import pytest
+
 import torch
 from safetensors import safe_open
 
@@ -10,6 +12,7 @@ from lambda_eclipse import LambdaEclipsePipeline
 from lambda_eclipse.cli import main
 
 
+@pytest.mark.slow  # a whole build or install: the slow tier (CI runs it)
 def test_reduced_build_eval_and_generate(smoke_build, tmp_path):
     out = smoke_build  # `miniworld build --smoke --install <out>/../smoke-installed`, shared with other tests
     installed = out.parent / "smoke-installed"

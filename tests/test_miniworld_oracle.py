@@ -158,6 +158,7 @@ def test_load_refuses_a_non_oracle_folder(tmp_path):
         load_oracle(tmp_path)
 
 
+@pytest.mark.slow  # a whole build or install: the slow tier (CI runs it)
 def test_a_short_run_learns_the_background():
     # 16 px and 150 steps take seconds; background colour is the easiest label, well above chance (0.2) by then
     torch.set_num_threads(1)

@@ -35,6 +35,7 @@ from lambda_eclipse.train.checkpoint import list_checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a whole build or install: the slow tier (CI runs it)
 def test_smoke_build_writes_loadable_components(smoke_build: Path) -> None:
     built = smoke_build / "components-build"
     comp = built / "components"
@@ -71,6 +72,7 @@ def test_smoke_build_writes_loadable_components(smoke_build: Path) -> None:
     assert [p.name for p in list_checkpoints(built / "work" / "clip")] == ["step-000003"]  # the core's checkpoints
 
 
+@pytest.mark.slow  # a whole build or install: the slow tier (CI runs it)
 def test_rerun_skips_complete_stages(smoke_build: Path, capsys) -> None:
     built = smoke_build / "components-build"
     stamp = {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}

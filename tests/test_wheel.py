@@ -25,6 +25,7 @@ def run(command, **kwargs):
     return result
 
 
+@pytest.mark.slow  # a whole build or install: the slow tier (CI runs it)
 def test_wheel_install_generates_with_the_bundled_model(tmp_path):
     pytest.importorskip("setuptools")
     pytest.importorskip("wheel")

@@ -94,6 +94,22 @@ def parse_subjects(specs: list[str]) -> dict[str, str | list[str]]:
     return subjects
 
 
+def check_decoder_paths(unet: str | None, lora: str | None) -> None:
+    """``--unet DIR`` / ``--lora FILE`` exist (every command that decodes takes them); read later by
+    :func:`lambda_eclipse.adapters.apply_decoder_adapters`."""
+    if unet is not None and not Path(unet).is_dir():
+        raise UserError(f"--unet {unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
+    if lora is not None and not Path(lora).is_file():
+        raise UserError(f"--lora {lora!r} does not exist; give the lora.safetensors finetune-decoder wrote")
+
+
+def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--unet / --lora / --lora-scale: a fine-tuned decoder, for every command that decodes."""
+    parser.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
+    parser.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+
+
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool | str = False):
     """Load a :class:`LambdaEclipsePipeline`, turning load failures into one-line user errors.
 
@@ -189,10 +205,7 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
                 raise UserError(f"subject embedding file {path!r} does not exist; check the path")
         subjects[word] = loaded if isinstance(paths, list) else loaded[0]
     edge = None if args.edge is None else load_image(args.edge, what="edge image")
-    if args.unet is not None and not Path(args.unet).is_dir():
-        raise UserError(f"--unet {args.unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
-    if args.lora is not None and not Path(args.lora).is_file():
-        raise UserError(f"--lora {args.lora!r} does not exist; give the lora.safetensors finetune-decoder wrote")
+    check_decoder_paths(args.unet, args.lora)
     return subjects, edge
 
 
@@ -298,6 +311,9 @@ class InterpolateArgs:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+    unet: str | None = None  # a fine-tuned decoder (as for generate)
+    lora: str | None = None
+    lora_scale: float = 1.0
 
 
 def interpolate(args: InterpolateArgs) -> dict:
@@ -307,9 +323,10 @@ def interpolate(args: InterpolateArgs) -> dict:
     from .interpolation import Corner, check_corners
     from .pipeline import check_inputs
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {args.out!r} is a file; give a folder for --out")
+    from .checks import check_output_path
+
+    check_output_path(args.out, "folder", "--out")
+    check_decoder_paths(args.unet, args.lora)
     check_corners(args.corners, args.steps, args.path)
     corners = []
     for k, c in enumerate(args.corners):
@@ -321,15 +338,21 @@ def interpolate(args: InterpolateArgs) -> dict:
         corners.append(Corner(c["prompt"], subjects, edge))
     from .interpolation_io import write_interpolation
 
-    model = args.model or default_model()
+    from .adapters import apply_decoder_adapters
+
+    model = resolve_model(args.model)
     pipe = load_pipeline(model, args.device, args.dtype)
+    apply_decoder_adapters(pipe, args.unet, args.lora, args.lora_scale)
     pipe.set_progress_bar_config(disable=not args.progress)
     settings = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance,
                     scheduler=args.scheduler, subject_scale=args.subject_scale)
+    decoder = {k: v for k, v in (("unet", args.unet), ("lora", args.lora)) if v is not None}
+    if args.lora is not None:
+        decoder["lora_scale"] = args.lora_scale
     result = pipe.interpolate(corners, steps=args.steps, path=args.path, seed=args.seed, **settings)
     records = [Corner(c["prompt"], {w: p if len(p) > 1 else p[0] for w, p in c["subjects"].items()}, c.get("edge_image"))
                for c in args.corners]  # the metadata names the files, not the decoded images
-    return write_interpolation(result, records, args.out, {"model": model, **settings}, args.seed, args.path,
+    return write_interpolation(result, records, args.out, {"model": model, **settings, **decoder}, args.seed, args.path,
                                args.steps)
 
 
@@ -356,7 +379,7 @@ def _interpolate_command(ns: argparse.Namespace) -> None:
     written = interpolate(InterpolateArgs(
         corners=ns.corners or [], steps=ns.frames, path=ns.path, seed=ns.seed, num_inference_steps=ns.steps,
         guidance=ns.guidance, scheduler=ns.scheduler, subject_scale=ns.subject_scale, model=ns.model, out=ns.out,
-        device=ns.device, dtype=ns.dtype, progress=not ns.quiet))
+        device=ns.device, dtype=ns.dtype, progress=not ns.quiet, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale))
     for key in ("grid", "gif", "embeddings"):
         if written[key] is not None:
             print(written[key])
@@ -392,6 +415,7 @@ def add_interpolation_commands(commands, world) -> None:
     inter.add_argument("--device")
     inter.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     inter.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_decoder_arguments(inter)
     inter.set_defaults(func=_interpolate_command)
 
     ev = world.add_parser("interpolation-eval", help="measure interpolation, subject scale and several pictures")
@@ -482,14 +506,20 @@ def parse_priors(specs: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-def load_eval_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool = False):
+def load_eval_pipeline(model: str, device: str | None = None, dtype: str | None = None, low_memory: bool = False,
+                       unet: str | None = None, lora: str | None = None, lora_scale: float = 1.0):
     """The pipeline `evaluate` scores: :func:`load_pipeline`; options that change the model (a fine-tuned UNet,
     a LoRA) are applied here, so every suite sees the same assembled model."""
-    return load_pipeline(model, device, dtype, low_memory)
+    from .adapters import apply_decoder_adapters
+
+    pipe = load_pipeline(model, device, dtype, low_memory)
+    apply_decoder_adapters(pipe, unet, lora, lora_scale)
+    return pipe
 
 
 def evaluate_suite(spec, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                   low_memory: bool = False) -> dict:
+                   low_memory: bool = False, unet: str | None = None, lora: str | None = None,
+                   lora_scale: float = 1.0) -> dict:
     """`lambda-eclipse evaluate SUITE`: generate this process's shard (``accelerate launch`` sets rank and world),
     then, on the main process once every shard is done, score the whole run and write the reports.
 
@@ -511,8 +541,10 @@ def evaluate_suite(spec, model: str | None = None, device: str | None = None, dt
                         spec.generation.images_per_prompt)
     judge_device = device or str(state.device)
     judges = load_judges(spec.judge_dino, spec.judge_clip, judge_device) if score and state.is_main_process else None
-    model = model or default_model()
-    pipe = load_eval_pipeline(model, device or str(state.device), dtype, low_memory)
+    model = resolve_model(model)
+    pipe = load_eval_pipeline(model, device or str(state.device), dtype, low_memory, unet, lora, lora_scale)
+    if unet is not None or lora is not None:  # the run records (and a rerun must match) the assembled decoder
+        model = f"{model} (unet={unet}, lora={lora}" + (f" x{lora_scale})" if lora is not None else ")")
     done = evaluate(pipe, replace(spec, score=False), None, model, suite)
     state.wait_for_everyone()
     if score and state.is_main_process:  # the merge: every shard's images are there; generates nothing new
@@ -558,7 +590,8 @@ def _evaluate_command(ns: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(ns.threads)
-    done = evaluate_suite(spec, ns.model, ns.device, ns.dtype, ns.low_memory)
+    check_decoder_paths(ns.unet, ns.lora)
+    done = evaluate_suite(spec, ns.model, ns.device, ns.dtype, ns.low_memory, ns.unet, ns.lora, ns.lora_scale)
     g = done["generation"]
     print(f"{g['made']} images made, {g['skipped']} found, in {g['seconds']:.1f} s")
     print(Path(ns.out) / "metrics.md" if done.get("result") else f"{ns.out} (not scored: run without --shard/--no-score to score)")
@@ -600,6 +633,7 @@ def add_evaluate_parser(commands) -> None:
         p.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
         p.add_argument("--threads", type=int, help="torch CPU threads")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        add_decoder_arguments(p)
     world = suites.add_parser("miniworld", help="the miniature world's evaluation (concept oracle plug-in)")
     add_eval_arguments(world)
     compare = suites.add_parser("compare", help="several scored runs side by side (table and plot)")
@@ -742,10 +776,7 @@ def demo(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, ou
     """Serve the web demo (Gradio, the ``demo`` extra) until interrupted; see :mod:`lambda_eclipse.app`."""
     from . import app
 
-    if unet is not None and not Path(unet).is_dir():
-        raise UserError(f"--unet {unet!r} is not a folder; give the unet/ folder (or run folder) finetune-decoder wrote")
-    if lora is not None and not Path(lora).is_file():
-        raise UserError(f"--lora {lora!r} does not exist; give the lora.safetensors finetune-decoder wrote")
+    check_decoder_paths(unet, lora)
     app.launch_demo(app.DemoConfig(model=model, host=host, port=port, out=out, unet=unet, lora=lora,
                                    lora_scale=lora_scale), block=True)
 
@@ -757,9 +788,7 @@ def add_demo_parser(commands) -> None:
     web.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     web.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     web.add_argument("--out", help="folder that keeps every generated PNG (default: a temporary folder)")
-    web.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
-    web.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
-    web.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    add_decoder_arguments(web)
     web.set_defaults(func=lambda ns: demo(ns.model, ns.host, ns.port, ns.out, ns.unet, ns.lora, ns.lora_scale))
 
 
@@ -795,9 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto (default when given: the fastest that fits the free memory), prior-then-decoder "
                           "(free the encoders before the decoder loads), model or sequential (GPU offload), resident")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--unet", metavar="DIR", help="a fine-tuned decoder UNet (finetune-decoder's run folder or unet/)")
-    gen.add_argument("--lora", metavar="FILE", help="a decoder LoRA (finetune-decoder's lora.safetensors)")
-    gen.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    add_decoder_arguments(gen)
     gen.add_argument("--segment", action="store_true", help="cut each subject out of its photo onto white first "
                                                             "(Grounding DINO + SAM; the cut-out is saved beside the outputs)")
     gen.set_defaults(func=_generate_command)
