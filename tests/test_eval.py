@@ -265,3 +265,22 @@ def test_full_dreambench_protocol():
     assert len(suite.subjects) == 30 and sum(len(s.images) for s in suite.subjects.values()) == 158
     assert len(suite.jobs) == 750 and sum(j.images for j in suite.jobs) == 3000
     assert suite.jobs[0].prompt == "a backpack in the jungle"
+
+
+def test_segment_cuts_each_reference_out_once_and_records_it(tiny_pipe, tmp_path):
+    """--segment: each subject's condition picture is cut out onto white (saved for checking) before encoding,
+    once per run, and the result says how the references were prepared."""
+    from dataset_tiny import tiny_detector, tiny_segmenter
+
+    from lambda_eclipse.eval.runner import SubjectCache, subject_preparation
+
+    suite = build_suite("dreambench", DATA, ["cat"], 1)
+    plain = SubjectCache(tiny_pipe, suite)(("cat",))
+    cache = SubjectCache(tiny_pipe, suite, tmp_path / "seg", tiny_detector(), tiny_segmenter(), threshold=0.0)
+    cut = cache(("cat",))
+    cache(("cat",))  # cached: not segmented again
+    assert len(list((tmp_path / "seg").glob("segmented-*.png"))) == 1
+    word = suite.subjects["cat"].word
+    assert not torch.allclose(plain[word], cut[word])
+    assert "segmented" in subject_preparation(GenerationConfig(segment=True))
+    assert "as given" in subject_preparation(GenerationConfig())

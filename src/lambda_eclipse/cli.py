@@ -582,7 +582,7 @@ def _evaluate_command(ns: argparse.Namespace) -> None:
         ns.dataset_dir = str(download_dreambench(ns.download))
     generation = GenerationConfig(steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler,
                                   images_per_prompt=ns.images_per_prompt, seed=ns.seed, height=ns.height,
-                                  width=ns.width, batch_prompts=ns.batch)
+                                  width=ns.width, batch_prompts=ns.batch, segment=ns.segment)
     subjects = tuple(s.strip() for s in ns.subjects.split(",") if s.strip()) if ns.subjects else None
     spec = EvalSpec(ns.suite, ns.out, ns.dataset_dir, subjects, ns.limit, generation, ns.judge_dino, ns.judge_clip,
                     rank, world, score=not ns.no_score and world == 1, progress=not ns.quiet)
@@ -633,6 +633,8 @@ def add_evaluate_parser(commands) -> None:
         p.add_argument("--low-memory", action="store_true", help="keep only the running stage on the GPU")
         p.add_argument("--threads", type=int, help="torch CPU threads")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--segment", action="store_true", help="cut each subject out of its picture onto white first "
+                                                              "(Grounding DINO + SAM), as the paper does")
         add_decoder_arguments(p)
     world = suites.add_parser("miniworld", help="the miniature world's evaluation (concept oracle plug-in)")
     add_eval_arguments(world)

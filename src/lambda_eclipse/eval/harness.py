@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Judges
-from .runner import SUBJECT_PREPARATION, GenerationConfig, generate_suite, open_run, run_identity
+from .runner import GenerationConfig, subject_preparation, generate_suite, open_run, run_identity
 from .suites import Suite, build_suite
 
 
@@ -96,7 +96,7 @@ def evaluate(pipe, spec: EvalSpec, judges: Judges | None, model: str = "", suite
     rows = score_run(out, suite, spec.generation, judges, jobs, spec.progress)
     scored = [{"key": j.key, "subjects": list(j.subjects), "kind": j.kind} for j in jobs if j.scored]
     result = {"suite": suite.name, "model": model, "generation": asdict(spec.generation), "judges": judges.describe(),
-              "subject_preparation": SUBJECT_PREPARATION, "prompts": len(scored),
+              "subject_preparation": subject_preparation(spec.generation), "prompts": len(scored),
               "images": len(rows), "limit": spec.limit, **aggregate(rows), "notes": suite.notes,
               "timing": {**made, "scoring_seconds": round(time.monotonic() - clock, 3),
                          "torch_threads": torch.get_num_threads()},

@@ -22,7 +22,11 @@ from ..atomic import atomic_write
 from ..errors import UserError
 from .suites import Job, Suite
 
-SUBJECT_PREPARATION = "as given (no segmenter installed): the paper segments subjects onto white first"
+def subject_preparation(cfg: "GenerationConfig") -> str:
+    """How the reference pictures were prepared, recorded with every result."""
+    if cfg.segment:
+        return "segmented onto white (Grounding DINO + SAM, the dataset builder's stages), as the paper does"
+    return "as given: the paper segments subjects onto white first (evaluate --segment does)"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class GenerationConfig:
     height: int | None = None  # default: the decoder's native size
     width: int | None = None
     batch_prompts: int = 8  # prompts per pipeline call (same subjects); not part of the images' identity
+    segment: bool = False  # cut each subject out of its condition picture onto white first (the paper's way)
 
 
 def run_identity(suite: Suite, cfg: GenerationConfig, model: str) -> dict:
@@ -102,8 +107,12 @@ def shard(batches: list[list[Job]], rank: int, world: int) -> list[list[Job]]:
 class SubjectCache:
     """Each subject's conditioning embedding, encoded once per run from its condition picture."""
 
-    def __init__(self, pipe, suite: Suite) -> None:
+    def __init__(self, pipe, suite: Suite, segment_into: Path | None = None, detector=None, segmenter=None,
+                 threshold: float = 0.2) -> None:
+        """``segment_into``: cut each picture's subject out onto white first (box and text ``threshold``, the
+        builder's 0.2) and save the cut-out there."""
         self.pipe, self.suite, self.cache = pipe, suite, {}
+        self.segment_into, self.detector, self.segmenter, self.threshold = segment_into, detector, segmenter, threshold
 
     def __call__(self, ids: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
         from ..encoders import load_image
@@ -112,8 +121,26 @@ class SubjectCache:
             if sid not in self.cache:
                 subject = self.suite.subjects[sid]
                 image = load_image(subject.condition_image, what=f"subject {sid!r} image")
+                if self.segment_into is not None:
+                    image = self._segmented(subject.word, image)
                 self.cache[sid] = self.pipe.encode_subject(image, subject.word)
         return {self.suite.subjects[s].word: self.cache[s] for s in ids} or None
+
+
+    def _segmented(self, word: str, image):
+        from ..dataset.ground import Detector
+        from ..dataset.segment import Segmenter
+        from ..dataset.subject import segment_subjects
+
+        if self.detector is None:  # loaded once per run, on the pipeline's device
+            device = str(getattr(self.pipe, "device", "cpu"))
+            try:
+                self.detector, self.segmenter = Detector.from_pretrained(device=device), Segmenter.from_pretrained(device=device)
+            except OSError as error:
+                raise UserError(f"--segment cannot load its detector/segmenter ({str(error).splitlines()[0]}); "
+                                "drop --segment to use the pictures as given") from None
+        return segment_subjects({word: image}, str(self.segment_into), self.detector, self.segmenter,
+                                box_threshold=self.threshold, text_threshold=self.threshold)[word]
 
 
 def generate_batch(pipe, suite: Suite, batch: list[Job], cfg: GenerationConfig, subjects: SubjectCache, out: Path):
@@ -143,7 +170,7 @@ def generate_suite(pipe, suite: Suite, out: str | Path, cfg: GenerationConfig, m
 
     out = open_run(out, run_identity(suite, cfg, model))
     mine = shard(plan_batches(jobs if jobs is not None else suite.jobs, cfg.batch_prompts), rank, world)
-    subjects = SubjectCache(pipe, suite)
+    subjects = SubjectCache(pipe, suite, out / "segmented" if cfg.segment else None)
     made = skipped = 0
     clock = time.monotonic()
     for batch in tqdm(mine, desc=f"{suite.name} [{rank + 1}/{world}]", unit="batch", disable=not progress):
