@@ -274,3 +274,10 @@ def test_writes_go_through_the_atomic_helper():
     for name, helper in (("cli.py", "save_png"), ("pipeline.py", "atomic_path"), ("outputs.py", "write_new_file")):
         source = (PACKAGE / name).read_text()
         assert "os.replace" not in source and helper in source, name
+
+
+@pytest.mark.parametrize("flag, value", [("--subject-scale", "3"), ("--edge-strength", "nan")])
+def test_control_errors_name_the_flag(flag, value, capsys):
+    assert cli("generate", "a dog", flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} must be a number in [0, 2]" in err

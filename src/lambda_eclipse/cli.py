@@ -32,7 +32,8 @@ BUNDLED_ORACLE = PACKAGE_MODELS / "miniworld-oracle"  # the concept judge of `mi
 
 # How the pipeline's check_inputs names the arguments it complains about, in the flags' words.
 _FLAG_NAMES = {"num_images_per_prompt": "-n", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-               "height": "--height", "width": "--width", "edge_image": "--edge"}
+               "height": "--height", "width": "--width", "edge_image": "--edge",
+               "subject_scale": "--subject-scale", "edge_strength": "--edge-strength"}
 
 
 def default_model() -> str:
