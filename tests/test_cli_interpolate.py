@@ -47,7 +47,7 @@ def test_interpolate_line_and_its_files(model_dir, tmp_path, capsys):
         (["--corner", "a dog"], "got 1; give 2 or 4"),
         (["--corner", "a dog", "--corner", "a cat", "--corner", "a hat"], "got 3"),
         (["--subject", "dog=x.png", "--corner", "a dog", "--corner", "a cat"], "before any --corner"),
-        (["--corner", "a dog", "--corner", "a cat", "--subject-scale", "nan"], "subject_scale"),
+        (["--corner", "a dog", "--corner", "a cat", "--subject-scale", "nan"], "--subject-scale must be"),
         (["--corner", "a dog", "--corner", "a cat", "--frames", "1"], "steps"),
         (["--corner", "a dog", "--subject", "dog=MISSING.png", "--corner", "a cat"], "does not exist"),
     ],
