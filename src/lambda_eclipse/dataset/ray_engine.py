@@ -74,12 +74,7 @@ def run_ray(work, models: StageModels, stages: tuple[str, ...]) -> None:
     from .runner import _stored_ids, open_store
 
     _init_ray(work.config)
-    for stage in stages:
-        work.prepare(stage)
-        pending = work.pending(stage)
-        if not pending:
-            continue
-        work.require_previous(stage)
+    for stage, pending in work.stages_to_run(stages):
         name = MODEL_STAGES.get(stage)
         needs = name or ("nlp" if stage == "nouns" else None)
         given = {needs: models.given[needs]} if needs in models.given else {}  # ship only this stage's model

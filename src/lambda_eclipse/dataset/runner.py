@@ -95,6 +95,16 @@ class Workdir:
     def pending(self, stage: str) -> list[int]:
         return [i for i in range(len(self.shards)) if not self.shard_path(stage, i).is_file()]
 
+    def stages_to_run(self, stages: tuple[str, ...]):
+        """Each of ``stages`` that has pending shards, with them: prepared (a stage whose settings changed is
+        cleared) and checked to follow a finished stage. Lazy, so a stage is looked at after the one before ran."""
+        for stage in stages:
+            self.prepare(stage)
+            pending = self.pending(stage)
+            if pending:
+                self.require_previous(stage)
+                yield stage, pending
+
     def inputs(self, stage: str, shard: int) -> tuple[list[Record], list]:
         """The records a stage reads for one shard (decoded from the inputs for the first stage) and their images."""
         if stage == STAGES[0]:
@@ -141,12 +151,7 @@ def run_local(work: Workdir, models: StageModels, stages: tuple[str, ...] = STAG
     """The local engine: each stage over its pending shards, in-process."""
     from tqdm.auto import tqdm
 
-    for stage in stages:
-        work.prepare(stage)
-        pending = work.pending(stage)
-        if not pending:
-            continue
-        work.require_previous(stage)
+    for stage, pending in work.stages_to_run(stages):
         writer = open_store(work, models) if stage == "features" else None
         done_ids = _stored_ids(work) if writer else set()
         bar = tqdm(total=sum(len(work.shards[i]) for i in pending), desc=stage, unit="img",
