@@ -28,6 +28,16 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny pipeline saved as a model folder (read-only: a test that damages one copies it first)."""
+    from tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smoke_build(tmp_path_factory):
     """One reduced `miniworld build --smoke` (components, features, prior, oracle, bundle), shared by every test
     that needs a built family; returns its work folder (``bundle/`` is the pipeline folder)."""

@@ -21,15 +21,6 @@ PACKAGE = Path(lambda_eclipse.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny import tiny_pipeline
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipeline().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def text_only_dir(tmp_path_factory):
     from tiny import tiny_pipeline
 

@@ -9,15 +9,6 @@ from PIL import Image
 from lambda_eclipse.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny import tiny_pipeline
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipeline().save_pretrained(path)
-    return path
-
-
 def png(path, seed, size=(40, 30), mode="RGB"):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert(mode).save(path)
     return path

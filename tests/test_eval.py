@@ -15,7 +15,6 @@ from PIL import Image
 from lambda_eclipse.errors import UserError
 from lambda_eclipse.eval import EvalSpec, GenerationConfig, evaluate
 from lambda_eclipse.eval.metrics import ClipJudge, DinoJudge, Judges, load_judges
-from lambda_eclipse.eval.runner import image_path
 from lambda_eclipse.eval.suites import build_suite
 
 DATA = Path(__file__).parent / "data" / "dreambench"

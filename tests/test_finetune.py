@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lambda_eclipse.adapters import apply_decoder_adapters, load_lora, unload_lora
+from lambda_eclipse.adapters import load_lora, unload_lora
 from lambda_eclipse.cli import main
 from lambda_eclipse.errors import UserError
 from lambda_eclipse.train.concepts import find_concepts, prepare_training_image
@@ -26,15 +26,6 @@ def _png(path: Path, seed: int, size=(20, 24), mode="RGB") -> Path:
     channels = 4 if mode == "RGBA" else 3
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(pixels, mode).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tiny import tiny_pipeline
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipeline().save_pretrained(path)
     return path
 
 

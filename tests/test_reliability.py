@@ -34,15 +34,6 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from tiny import tiny_pipeline
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    tiny_pipeline().save_pretrained(path)
-    return path
-
-
 def _tensor_bytes(path: Path, name: str | None = None) -> tuple[bytearray, int, int]:
     """(file bytes, start, end) of tensor ``name`` (default: the first) of a safetensors file."""
     data = bytearray(path.read_bytes())
