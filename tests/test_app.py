@@ -62,7 +62,7 @@ def test_form_values_skip_blank_rows_and_refuse_half_filled_ones(pictures):
 
 
 def test_form_request_decodes_uploads_and_checks_every_value(pictures, monkeypatch):
-    from lambda_eclipse import pipeline
+    from lambda_eclipse import inputs
 
     dog, cat, bad = pictures
     kwargs, seeds = form_request(GenerateForm("a dog and a cat", [("dog", [dog]), ("cat", [cat])], seed=7,
@@ -72,7 +72,7 @@ def test_form_request_decodes_uploads_and_checks_every_value(pictures, monkeypat
     assert [type(kwargs["subjects"][w]) for w in ("dog", "cat")] == [Image.Image, Image.Image]
     # several pictures of one subject reach the pipeline's checks as a list (a pipeline that takes lists uses them)
     checked = {}
-    monkeypatch.setattr(pipeline, "check_inputs", lambda prompt, **kw: checked.update(kw))
+    monkeypatch.setattr(inputs, "check_inputs", lambda prompt, **kw: checked.update(kw))
     form_request(GenerateForm("a cat", [("cat", [cat, dog])]))
     assert [type(i) for i in checked["subjects"]["cat"]] == [Image.Image, Image.Image]
     monkeypatch.undo()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lambda_eclipse"
 CORE = ["prior.py", "conditioning.py", "encoders.py", "decoding.py", "pipeline.py", "atomic.py", "errors.py", "hub.py",
-        "outputs.py", "checks.py", "adapters.py", "interpolation.py", "interpolation_io.py", "controls.py", "memory.py",
+        "outputs.py", "checks.py", "adapters.py", "interpolation.py", "interpolation_io.py", "controls.py", "memory.py", "inputs.py",
         "__init__.py"]
 TOOLING = {"features", "dataset", "train", "eval", "miniworld", "app", "cli", "losses"}
 
@@ -58,3 +58,15 @@ def test_the_core_list_is_the_package_top_level():
 def test_one_atomic_write_helper():
     users = [p for p in SRC.rglob("*.py") if "os.replace" in p.read_text()]
     assert [p.name for p in users] == ["atomic.py"]
+
+
+def test_input_checks_load_no_model_library_and_know_the_schedulers():
+    """`check_inputs` lives where a command can refuse bad input before diffusers or transformers load."""
+    code = ("import sys; from lambda_eclipse.inputs import check_inputs, SCHEDULER_NAMES; "
+            "print([m for m in ('diffusers', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+    from lambda_eclipse.decoding import SCHEDULERS
+    from lambda_eclipse.inputs import SCHEDULER_NAMES
+
+    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)

@@ -130,7 +130,7 @@ def form_request(form: GenerateForm, pipe=None) -> tuple[dict[str, Any], list[in
     import torch
 
     from .encoders import load_image
-    from .pipeline import check_inputs
+    from .inputs import check_inputs
 
     subjects: dict[str, Any] = {}
     for word, paths in form.subjects:

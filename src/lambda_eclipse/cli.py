@@ -184,7 +184,7 @@ def _check_generate_args(args: GenerateArgs) -> tuple[dict[str, Image | str], Im
     a model), then the files. Returns (subjects, edge map), each image decoded here once into a PIL image that the
     pipeline then takes as is; ``.safetensors`` embeddings stay paths."""
     from .encoders import load_image
-    from .pipeline import check_inputs
+    from .inputs import check_inputs
 
     from .checks import check_output_path
 
@@ -322,7 +322,7 @@ def interpolate(args: InterpolateArgs) -> dict:
     (:func:`lambda_eclipse.interpolation_io.write_interpolation`) and returns their paths."""
     from .encoders import load_image
     from .interpolation import Corner, check_corners
-    from .pipeline import check_inputs
+    from .inputs import check_inputs
 
     from .checks import check_output_path
 

@@ -2,7 +2,7 @@
 
 Supplied image embeddings, initial latents, step-end callbacks, the subject scale, the edge knobs and img2img's
 init image and strength: each wrong value is one :class:`~lambda_eclipse.errors.UserError` line naming it and
-the fix. :func:`lambda_eclipse.pipeline.check_inputs` calls :func:`check_controls`; nothing else should.
+the fix. :func:`lambda_eclipse.inputs.check_inputs` calls :func:`check_controls`; nothing else should.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ def _real(value, name: str, low: float, high: float, low_open: bool = False) -> 
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         raise UserError(f"{name} must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+
+
+def _callback_inputs() -> list[str]:
+    """The tensors diffusers' decoder hands a step callback; diffusers is imported only when they are asked for."""
+    from diffusers import KandinskyV22Pipeline
+
+    return KandinskyV22Pipeline._callback_tensor_inputs
 
 
 def check_controls(controls: Mapping, prompt, subjects, edge_image, output_type: str, pipeline, name) -> int | None:
@@ -76,10 +83,8 @@ def check_controls(controls: Mapping, prompt, subjects, edge_image, output_type:
     callback, inputs = c["callback_on_step_end"], c["callback_on_step_end_tensor_inputs"]
     if callback is not None and not callable(callback):
         raise UserError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
-    from diffusers import KandinskyV22Pipeline
-
-    allowed = KandinskyV22Pipeline._callback_tensor_inputs
-    if inputs is not None and (not isinstance(inputs, (list, tuple)) or any(k not in allowed for k in inputs)):
+    if inputs is not None and (not isinstance(inputs, (list, tuple)) or any(k not in _callback_inputs() for k in inputs)):
+        allowed = _callback_inputs()
         raise UserError(f"callback_on_step_end_tensor_inputs {inputs!r}: choose among {', '.join(allowed)}")
     scale = c["subject_scale"]
     words = {normalize_subject_word(w) for w in (subjects or {}) if isinstance(w, str)}

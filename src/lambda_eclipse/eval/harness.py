@@ -48,7 +48,7 @@ def check_jobs(pipe, suite: Suite, jobs: list, cfg: GenerationConfig) -> None:
     """Every input check before anything is written: the model's (steps, sizes, prior kind), every prompt's
     subject words, every subject picture."""
     from ..encoders import load_image
-    from ..pipeline import check_inputs
+    from ..inputs import check_inputs
 
     if pipe.unet is None or pipe.movq is None or pipe.scheduler is None:
         raise UserError("this model has no decoder (unet/scheduler/movq); the evaluation renders images")
