@@ -294,8 +294,8 @@ def test_in_a_real_browser(tmp_path, pictures):
     size, a mistake shown in the page that leaves it working, an unreadable upload, and an example in one click."""
     pytest.importorskip("gradio")
     sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    # Not a skip: .ci/run installs Chromium, so a missing one is a broken set-up, not a reason to pass quietly.
+    assert Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}: apt-get install chromium (as .ci/run does)"
     from lambda_eclipse.app import launch_demo
 
     _, _, bad = pictures

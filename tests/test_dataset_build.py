@@ -16,20 +16,19 @@ from lambda_eclipse.dataset import build_dataset, load_build_config
 from lambda_eclipse.dataset.records import read_shard
 from lambda_eclipse.features import load_all, read_index, validate_feature_store
 
-DREAMBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dreambench"
-PHOTOS = [("dog", "dog"), ("cat", "cat"), ("backpack", "backpack"), ("candle", "candle"), ("clock", "clock"),
-          ("can", "can")]
+# Six of the DreamBench photos the repository ships (tests/data/dreambench, CC-BY-4.0), each captioned with a noun
+# of the tiny spaCy vocabulary: the tiny models are random, so what matters is real JPEGs of real sizes.
+DREAMBENCH = Path(__file__).resolve().parent / "data" / "dreambench"
+PHOTOS = [("dog6/00.jpg", "dog"), ("cat/00.jpg", "cat"), ("vase/00.jpg", "backpack"), ("red_cartoon/00.jpg", "candle"),
+          ("cat/01.jpg", "clock"), ("dog6/01.jpg", "can")]
 
 
 def make_inputs(folder: Path) -> Path:
     """Six DreamBench photos with sidecar captions, plus one of each awkward input."""
     folder.mkdir(parents=True)
-    for concept, noun in PHOTOS:
-        source = DREAMBENCH / concept / "00.jpg"
-        if not source.is_file():
-            pytest.skip("the DreamBench photos are not in ../shared/reference")
-        shutil.copy(source, folder / f"{concept}.jpg")
-        (folder / f"{concept}.txt").write_text(f"a photo of a {noun} on the beach")
+    for photo, noun in PHOTOS:
+        shutil.copy(DREAMBENCH / photo, folder / f"{noun}.jpg")
+        (folder / f"{noun}.txt").write_text(f"a photo of a {noun} on the beach")
     data = (folder / "dog.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "truncated.txt").write_text("a dog")

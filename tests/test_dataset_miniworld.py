@@ -4,7 +4,6 @@ the model stages are replaced by the renderer's ground truth, written as the sta
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from lambda_eclipse.dataset import build_dataset, load_build_config
@@ -21,8 +20,6 @@ def test_ground_truth_scenes_through_filter_crop_and_features(tmp_path):
     from lambda_eclipse.cli import BUNDLED_MODEL
     from lambda_eclipse.dataset import ClipEncoders
 
-    if not (BUNDLED_MODEL / "tokenizer").is_dir():
-        pytest.skip("the bundled miniworld model is not installed")
     encoders = ClipEncoders.from_pretrained(str(BUNDLED_MODEL))  # the miniworld's own CLIP and word tokenizer
     scenes = sample_scenes(6, seed=3, size=64, crop_size=32)
     folder = tmp_path / "scenes"
