@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lambda_eclipse"
 CORE = ["prior.py", "conditioning.py", "encoders.py", "decoding.py", "pipeline.py", "atomic.py", "errors.py", "hub.py",
         "outputs.py", "checks.py", "adapters.py", "interpolation.py", "interpolation_io.py", "controls.py", "memory.py", "inputs.py",
         "__init__.py"]
-TOOLING = {"features", "dataset", "train", "eval", "miniworld", "app", "cli", "losses"}
+TOOLING = {"features", "dataset", "train", "eval", "miniworld", "app", "cli", "cli_tools", "losses"}
 
 
 def imported_modules(path: Path) -> set[str]:
