@@ -305,3 +305,22 @@ def test_interpolate_and_evaluate_take_the_fine_tuned_decoder(runs, model_dir, t
     assert main(["evaluate", "dreambench", "--dataset-dir", str(tmp_path), "--out", str(tmp_path / "ev"),
                  "--lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "--lora" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+
+
+def test_fine_tuned_decoder_survives_prior_then_decoder_memory_mode(runs, model_dir):
+    """--low-memory prior-then-decoder loads the decoder only after the prior: the fine-tuned UNet must be the one
+    that decodes (not the base UNet loaded by the swap)."""
+    from lambda_eclipse.adapters import apply_decoder_adapters
+    from lambda_eclipse.cli import load_pipeline
+
+    images = {}
+    for mode in ("resident", "prior-then-decoder"):
+        pipe = apply_decoder_adapters(load_pipeline(str(model_dir), "cpu", None, mode), unet=runs["full"])
+        pipe.set_progress_bar_config(disable=True)
+        images[mode] = pipe("a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                            output_type="np").images
+    base = load_pipeline(str(model_dir), "cpu", None, "resident")
+    base.set_progress_bar_config(disable=True)
+    plain = base("a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(images["prior-then-decoder"], images["resident"], atol=1e-4)
+    assert not np.allclose(plain, images["resident"], atol=1e-3)

@@ -125,6 +125,16 @@ def apply_decoder_adapters(pipe, unet: str | os.PathLike | None = None, lora: st
     ``lora`` at ``lora_scale``. Returns ``pipe``. What ``generate --unet/--lora`` and the evaluations call."""
     if (unet is not None or lora is not None) and getattr(pipe, "unet", None) is None:
         raise UserError("this model has no decoder UNet to personalize; load a model with a decoder")
+    swap = getattr(pipe, "_between_stages", None)
+    if swap is not None and (unet is not None or lora is not None):
+        # --low-memory prior-then-decoder: the decoder's weights load only after the prior has run and been freed,
+        # so personalize them then (personalizing the placeholder now would be overwritten by that load).
+        def swap_then_personalize(pipeline) -> None:
+            swap(pipeline)
+            apply_decoder_adapters(pipeline, unet, lora, lora_scale)
+
+        pipe._between_stages = swap_then_personalize
+        return pipe
     if unet is not None:
         pipe.unet = load_unet(unet, like=pipe.unet)
     if lora is not None:
