@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import prior_inputs, timed  # noqa: E402
-from fullsize import SIZES, build_component  # noqa: E402
+from fullsize import build_component  # noqa: E402
 
 # Dense bf16/fp16 tensor-core peaks (vendor datasheets), for model FLOPs utilisation.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
