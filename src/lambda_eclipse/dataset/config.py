@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import UserError
 from ..hub import DEFAULT_ENCODERS
 from .caption import DEFAULT_CAPTIONER
-from .crop import DEFAULT_CROP_SIZE
+from .crop import DEFAULT_CROP_SIZE, RESAMPLE
 from .filters import FilterConfig
 from .ground import DEFAULT_DETECTOR
 from .nouns import DEFAULT_SPACY_MODEL
@@ -57,6 +57,8 @@ class StageConfig:
     text_threshold: float = _f(0.2, "Grounding DINO text threshold (paper: 0.2)")
     segment_batch: int = _f(8, "images per SAM image-encoder call")
     crop_size: int = _f(DEFAULT_CROP_SIZE, "longer side of a subject crop on white (the CLIP input size)")
+    crop_resample: str = _f("bicubic", "filter that resizes a crop: bicubic, bilinear, lanczos or box (an area mean, "
+                            "for crops that are only ever shrunk)")
     features_batch: int = _f(64, "records per CLIP encoder call")
     edge: bool = _f(True, "store the Canny edge-map embedding of every image (the control token)")
 
@@ -98,6 +100,7 @@ def validate_build(config: BuildConfig) -> None:
         (config.shard_size > 0 and config.store_shard_size > 0, "shard_size and store_shard_size must be positive"),
         (config.engine in ("local", "ray"), "engine must be local or ray"),
         (min(s.caption_batch, s.ground_batch, s.segment_batch, s.features_batch) > 0, "stage batch sizes must be positive"),
+        (s.crop_resample in RESAMPLE, f"stages.crop_resample must be one of {', '.join(RESAMPLE)}"),
         (0 <= s.box_threshold <= 1 and 0 <= s.text_threshold <= 1, "stages thresholds must be in [0, 1]"),
         (f.box_ratio_measure in ("area", "aspect"), "filter.box_ratio_measure must be area or aspect"),
         (config.models.device in ("auto", "cpu", "cuda") or config.models.device.startswith("cuda:"),

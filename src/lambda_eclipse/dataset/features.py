@@ -8,14 +8,15 @@ the functions the generation pipeline binds subjects with, so the trainer binds 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from ..conditioning import locate_subject_tokens, subject_token_index
 from ..encoders import canny_edges, encode_images, encode_text, text_context_length
-from ..features import FeatureSample
+from ..features import FeatureSample, FeatureWriter
 
 
 @dataclass
@@ -106,3 +107,16 @@ def encode_stream(
             batch = []
     if batch:
         yield from encode_records(encoders, batch)
+
+
+def open_feature_store(encoders: ClipEncoders, directory: str | Path, shard_size: int, metadata: Mapping[str, Any],
+                       append: bool = False) -> FeatureWriter:
+    """The writer of a feature store for samples these encoders make: its widths (D, the text context length) and
+    its zero-image embedding (the trainer's control input for samples without an edge map) come from them."""
+    from ..encoders import zero_image_embedding
+
+    return FeatureWriter(
+        directory, dim=int(encoders.image_encoder.config.projection_dim),
+        max_text_len=text_context_length(encoders.tokenizer, encoders.text_encoder), shard_size=shard_size,
+        append=append, zero_image=zero_image_embedding(encoders.image_encoder)[0].float().cpu(), metadata=metadata,
+    )

@@ -113,7 +113,8 @@ class Workdir:
         records = read_shard(self.shard_path(previous, shard))
         if stage == "nouns":
             return records, [None] * len(records)
-        return records, load_images(records, self.by_id, self.config.input.max_pixels)
+        # the features stage encodes the target picture (the image itself unless the input gives one)
+        return records, load_images(records, self.by_id, self.config.input.max_pixels, target=stage == "features")
 
     def finish(self, stage: str, shard: int, records: list[Record], drops: Counter, seconds: float, live: int) -> None:
         """Commit one stage shard; ``live`` is how many of its records the stage worked on (for throughput)."""
@@ -130,21 +131,14 @@ class Workdir:
 
 def open_store(work: Workdir, models: StageModels):
     """The feature store writer, appending to what an interrupted run committed."""
-    from ..encoders import text_context_length, zero_image_embedding
-    from ..features import FeatureWriter, read_index
+    from ..features import read_index
+    from .features import open_feature_store
 
-    encoders = models.get("encoders")
     store = work.root / "features"
     existing = (store / "index.json").is_file() and bool(read_index(store).shards)
-    m = work.config.models
-    return FeatureWriter(
-        store, dim=int(encoders.image_encoder.config.projection_dim),
-        max_text_len=text_context_length(encoders.tokenizer, encoders.text_encoder),
-        shard_size=work.config.store_shard_size, append=existing,
-        zero_image=zero_image_embedding(encoders.image_encoder)[0].float().cpu(),
-        metadata={"source": "lambda-eclipse build-dataset", "models": asdict(m),
-                  "fingerprint": work.fingerprints["features"]},
-    )
+    metadata = {"source": "lambda-eclipse build-dataset", "models": asdict(work.config.models),
+                "fingerprint": work.fingerprints["features"]}
+    return open_feature_store(models.get("encoders"), store, work.config.store_shard_size, metadata, append=existing)
 
 
 def run_local(work: Workdir, models: StageModels, stages: tuple[str, ...] = STAGES) -> None:

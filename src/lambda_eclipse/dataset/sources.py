@@ -38,6 +38,10 @@ class SourceRef:
         path: the file, tar or parquet file.
         member: tar member name or parquet row number (as text); empty for plain files.
         caption: the caption shipped with the image (sidecar ``.txt``, tar ``.txt``/``.json``, parquet column).
+        target: a folder input's ``<name>.target.<ext>`` beside the image, when there is one: the picture the
+            ``features`` stage encodes as the sample's target and edge map instead of the image (say, the picture at
+            the decoder's resolution, while boxes, masks and crops come from the full-resolution image); empty: the
+            image itself.
     """
 
     source_id: str
@@ -45,10 +49,15 @@ class SourceRef:
     path: str
     member: str = ""
     caption: str = ""
+    target: str = ""
 
     def to_json(self) -> dict:
         return {"source_id": self.source_id, "kind": self.kind, "path": self.path, "member": self.member,
-                "caption": self.caption}
+                "caption": self.caption, "target": self.target}
+
+    def target_ref(self) -> SourceRef:
+        """Where the features stage reads this input's target picture."""
+        return SourceRef(self.source_id, "file", self.target) if self.target else self
 
 
 def _tar_refs(tar_path: Path, root: Path) -> list[SourceRef]:
@@ -102,13 +111,21 @@ def list_sources(path: str | Path) -> list[SourceRef]:
     if not root.exists():
         raise UserError(f"input {str(root)!r} does not exist; give a folder of images, .tar shards or .parquet files")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    images = {f.with_suffix("") for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
+    targets = {f.with_suffix("").with_suffix(""): f for f in files  # <name>.target.<ext> beside an image <name>.<ext>
+               if f.suffix.lower() in IMAGE_SUFFIXES and f.with_suffix("").suffix == ".target"
+               and f.with_suffix("").with_suffix("") in images}
     refs: list[SourceRef] = []
     for f in files:
         suffix = f.suffix.lower()
+        if f in targets.values():
+            continue  # another image's target picture, not an input of its own
         if suffix in IMAGE_SUFFIXES:
             sidecar = next((f.with_suffix(s) for s in CAPTION_SUFFIXES if f.with_suffix(s).is_file()), None)
             caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar else ""
-            refs.append(SourceRef(str(f.relative_to(root)) if f != root else f.name, "file", str(f), "", caption))
+            target = str(targets.get(f.with_suffix(""), ""))
+            refs.append(SourceRef(str(f.relative_to(root)) if f != root else f.name, "file", str(f), "", caption,
+                                  target))
         elif suffix == ".tar":
             refs.extend(_tar_refs(f, root))
         elif suffix == ".parquet":

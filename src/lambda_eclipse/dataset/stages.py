@@ -35,7 +35,7 @@ def stage_settings(stage: str, config: BuildConfig) -> dict[str, Any]:
         "ground": {"detector": m.detector, "box_threshold": s.box_threshold, "text_threshold": s.text_threshold},
         "segment": {"segmenter": m.segmenter},
         "filter": asdict(config.filter),
-        "crop": {"crop_size": s.crop_size},
+        "crop": {"crop_size": s.crop_size, "crop_resample": s.crop_resample},
         "features": {"clip": m.clip, "edge": s.edge, "store_shard_size": config.store_shard_size},
     }[stage]
 
@@ -99,9 +99,14 @@ class StageModels:
                             "config (a Hub id or a local folder)") from None
 
 
-def load_images(records: Sequence[Record], refs: dict[str, SourceRef], max_pixels: int) -> list[Image.Image | None]:
-    """The decoded image of every record still in play (None for dropped ones)."""
-    return [None if r.dropped else open_image(refs[r.source_id], max_pixels) for r in records]
+def load_images(records: Sequence[Record], refs: dict[str, SourceRef], max_pixels: int, target: bool = False
+                ) -> list[Image.Image | None]:
+    """The decoded image (``target``: the target picture, see :class:`SourceRef`) of every record still in play
+    (None for dropped ones)."""
+    def ref(record: Record) -> SourceRef:
+        return refs[record.source_id].target_ref() if target else refs[record.source_id]
+
+    return [None if r.dropped else open_image(ref(r), max_pixels) for r in records]
 
 
 def first_records(refs: Sequence[SourceRef], max_pixels: int) -> tuple[list[Record], list[Image.Image | None]]:
@@ -110,6 +115,11 @@ def first_records(refs: Sequence[SourceRef], max_pixels: int) -> tuple[list[Reco
     for ref in refs:
         try:
             image = open_image(ref, max_pixels)
+            if ref.target:  # checked here, so that a bad target picture is listed too, not fatal in ``features``
+                try:
+                    open_image(ref.target_ref(), max_pixels)
+                except BadImage as why:
+                    raise BadImage(f"target picture {ref.target}: {why}") from None
             records.append(Record(ref.source_id, image.width, image.height, ref.caption))
             images.append(image)
         except BadImage as why:
@@ -174,7 +184,8 @@ def run_stage(stage: str, records: list[Record], images: Sequence[Image.Image | 
         from .crop import crop_subjects
 
         for i in live:
-            records[i].crops = crop_subjects([images[i]], [records[i].masks], [records[i].boxes], s.crop_size)[0]
+            records[i].crops = crop_subjects([images[i]], [records[i].masks], [records[i].boxes], s.crop_size,
+                                             s.crop_resample)[0]
             records[i].masks = []  # the crops carry what later stages need; masks stay in the segment shards
     elif stage == "features":
         samples, drops = _features(records, images, live, models, config)

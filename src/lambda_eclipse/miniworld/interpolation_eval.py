@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_write
+from ..dataset.crop import mask_box, subject_crop
 from .draw import paint_object
 from .evaluate import EvalConfig, _generators, clip_features, decode
-from .scenes import _crop_on_white, iter_scenes, render_scene
+from .scenes import iter_scenes, render_scene
 from .vocab import COLOURS
 
 COLOUR_NAMES = list(COLOURS)
@@ -66,7 +67,7 @@ def subject_picture(shape: str, colour: str, texture: str, size: int, fraction: 
     half = fraction * size / 2
     mask = paint_object(canvas, shape, colour, texture, (size / 2 - half, size / 2 - half, size / 2 + half,
                                                          size / 2 + half), size, scale)
-    return Image.fromarray(_crop_on_white(canvas, mask, size))
+    return subject_crop(Image.fromarray(np.round(canvas).astype(np.uint8)), mask, mask_box(mask), size, resample="box")
 
 
 def one_subject_scenes(n: int, seed: int, size: int) -> list:

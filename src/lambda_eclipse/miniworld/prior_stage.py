@@ -14,8 +14,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..dataset import CaptionedImage, ClipEncoders, encode_stream
-from ..features import FeatureWriter, read_index, stored_source_ids
+from ..dataset.features import CaptionedImage, ClipEncoders, encode_stream, open_feature_store
+from ..features import read_index, stored_source_ids
 from .scenes import Split, iter_scenes
 
 CONFIG = Path(__file__).with_name("prior.yaml")  # the shipped prior's recipe, package data
@@ -33,20 +33,28 @@ class FeatureRecipe:
     batch: int = 256
 
 
+def scene_choices(seed: int, index: int, recipe: FeatureRecipe) -> tuple[str, bool]:
+    """Scene ``index`` of stream ``seed``: which caption it is trained with (``"full"`` or ``"appearance_free"``) and
+    whether its sample stores an edge map (deterministic per scene)."""
+    rng = np.random.default_rng([seed, index, 7])
+    kind = "appearance_free" if rng.random() < recipe.appearance_free_prob else "full"
+    return kind, bool(rng.random() < recipe.edge_prob)
+
+
 def scene_records(n: int, seed: int, size: int, split: Split, recipe: FeatureRecipe, skip: set[str]) -> Iterator[CaptionedImage]:
-    """The first ``n`` scenes of a stream as builder records (deterministic choices per scene)."""
+    """The first ``n`` scenes of a stream as builder records: the scene image is the target, each object's crop
+    (cut from the scene's photograph by the builder's :func:`~lambda_eclipse.dataset.crop.subject_crop`) a subject."""
     for index, scene in zip(range(n), iter_scenes(seed, size, split)):
         source_id = f"{split}-{seed}-{index}"
         if source_id in skip:
             continue
-        rng = np.random.default_rng([seed, index, 7])
-        kind = "appearance_free" if rng.random() < recipe.appearance_free_prob else "full"
+        kind, with_edge = scene_choices(seed, index, recipe)
         yield CaptionedImage(
             image=Image.fromarray(scene.image),
             caption=scene.captions[kind],
             subjects=[(o.noun, Image.fromarray(o.crop)) for o in scene.objects],
             source_id=source_id,
-            with_edge=bool(rng.random() < recipe.edge_prob),
+            with_edge=with_edge,
         )
 
 
@@ -56,18 +64,12 @@ def write_scene_features(
     """Encode ``n`` scenes into a feature store at ``out_dir``; resumes a partial store, skips a complete one."""
     import torch
 
-    from ..encoders import text_context_length, zero_image_embedding
-
     out_dir = Path(out_dir)
     if (out_dir / "index.json").is_file() and read_index(out_dir).num_samples >= n:
         return out_dir
     done = stored_source_ids(out_dir) if (out_dir / "index.json").is_file() else set()
-    dim = int(encoders.image_encoder.config.projection_dim)
-    writer = FeatureWriter(
-        out_dir, dim=dim, max_text_len=text_context_length(encoders.tokenizer, encoders.text_encoder),
-        shard_size=4096, append=bool(done), zero_image=zero_image_embedding(encoders.image_encoder)[0].float(),
-        metadata={"source": "miniworld", "split": split, "size": size, "recipe": recipe.__dict__},
-    )
+    metadata = {"source": "miniworld", "split": split, "size": size, "recipe": recipe.__dict__}
+    writer = open_feature_store(encoders, out_dir, 4096, metadata, append=bool(done))
     with writer, torch.inference_mode():
         for sample in encode_stream(encoders, scene_records(n, recipe.seed, size, split, recipe, done), recipe.batch):
             writer.add(sample)

@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from ..dataset.crop import mask_box, subject_crop
 from . import draw
 from .vocab import (
     BG_COLOURS,
@@ -59,6 +60,7 @@ class SceneObject:
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in image pixels, end exclusive, tight on ``mask``
     mask: np.ndarray = field(repr=False)  # (S, S) bool, the object's pixels in the scene image
     crop: np.ndarray = field(repr=False)  # (C, C, 3) uint8: the masked object on white, square, centred
+    photo_mask: np.ndarray = field(repr=False)  # (S·scale, S·scale) bool, the object's pixels in ``Scene.photo``
 
     @property
     def noun(self) -> str:
@@ -94,6 +96,7 @@ class Scene:
     template: int  # index into vocab.TEMPLATES
     captions: dict[str, str]
     noun_spans: dict[str, list[tuple[int, int]]]
+    photo: np.ndarray = field(repr=False)  # (S·scale, S·scale, 3) uint8: the full-resolution photograph
 
     @property
     def nouns(self) -> list[str]:
@@ -147,23 +150,6 @@ def _sample_appearance(rng: np.random.Generator, shape: str, reserved: bool) -> 
     return pairs[int(rng.integers(len(pairs)))]
 
 
-def _crop_on_white(canvas: np.ndarray, mask: np.ndarray, crop_size: int) -> np.ndarray:
-    """The masked object on white, cropped to its box, padded square (aspect kept), resized.
-
-    canvas: (n, n, 3) float, mask: (n, n) bool -> (crop_size, crop_size, 3) uint8.
-    """
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    patch = np.where(mask[r0:r1, c0:c1, None], canvas[r0:r1, c0:c1], 255.0)
-    h, w = patch.shape[:2]
-    side = max(h, w)
-    square = np.full((side, side, 3), 255.0, dtype=np.float32)
-    top, left = (side - h) // 2, (side - w) // 2
-    square[top : top + h, left : left + w] = patch
-    img = Image.fromarray(np.round(square).astype(np.uint8))
-    return np.asarray(img.resize((crop_size, crop_size), Image.Resampling.BOX))
-
-
 def _caption(template: str, objects: list[SceneObject], relations: list[str], bg: str, appearance: bool):
     """Fill ``template``; return the caption and each object's noun span in it."""
     text, spans = "", []
@@ -213,13 +199,13 @@ def render_scene(
     # box filter: the canvas average over each output pixel (anti-aliasing)
     image = np.round(canvas.reshape(size, scale, size, scale, 3).mean(axis=(1, 3))).astype(np.uint8)
 
+    photo = Image.fromarray(np.round(canvas).astype(np.uint8))  # the photograph the crops are cut from
     objects = []
     for shape, (colour, texture), sz, hi in zip(shapes, appearances, sizes, hi_masks):
         mask = hi.reshape(size, scale, size, scale).mean(axis=(1, 3)) >= 0.5
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-        crop = _crop_on_white(canvas, hi, crop_size)
-        objects.append(SceneObject(shape, colour, texture, sz, box, mask, crop))
+        box = mask_box(mask)
+        crop = np.asarray(subject_crop(photo, hi, mask_box(hi), crop_size, resample="box"))  # the builder's crop
+        objects.append(SceneObject(shape, colour, texture, sz, box, mask, crop, hi))
 
     rels = [_relation(boxes[i], boxes[i + 1]) for i in range(n_obj - 1)]
     bg = f"a plain {bg_colour} background" if bg_kind == "plain" else f"a {bg_colour} {bg_kind} background"
@@ -238,6 +224,7 @@ def render_scene(
         template=template,
         captions=captions,
         noun_spans=spans,
+        photo=np.asarray(photo),
     )
 
 
