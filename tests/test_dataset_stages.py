@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lambda_eclipse.dataset.crop import subject_crop
+from lambda_eclipse.dataset import load_build_config
+from lambda_eclipse.dataset.crop import mask_box, subject_crop
 from lambda_eclipse.dataset.filters import FilterConfig, filter_records
 from lambda_eclipse.dataset.records import Box, Record, read_shard, write_shard
 from lambda_eclipse.dataset.sources import BadImage, list_sources, open_image
+from lambda_eclipse.dataset.stages import first_records
 from lambda_eclipse.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +104,38 @@ def test_subject_crop_is_the_masked_box_on_white_with_its_aspect():
     cols, rows = np.flatnonzero(red.any(0)), np.flatnonzero(red.any(1))
     assert rows[-1] - rows[0] + 1 == 48 and abs((cols[-1] - cols[0] + 1) - 24) <= 1
     assert (tall[:, :10] == 255).all() and (tall[:, -10:] == 255).all()
+
+
+def test_crop_resample_is_a_choice_and_mask_box_is_tight():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[10:50, 12:44] = True
+    assert mask_box(mask) == (12, 10, 44, 50)
+    # A 40 x 40 square of the box shrunk 4x by the box filter is the mean of each 4 x 4 block (its area mean).
+    square = np.full((40, 40, 3), 255, np.uint8)
+    square[:, 4:36] = pixels[10:50, 12:44]
+    box = np.asarray(subject_crop(Image.fromarray(pixels), mask, mask_box(mask), size=10, resample="box")).astype(int)
+    means = square.reshape(10, 4, 10, 4, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(box - means).max() <= 1
+    bicubic = np.asarray(subject_crop(Image.fromarray(pixels), mask, mask_box(mask), size=10)).astype(int)
+    assert np.abs(bicubic - means).max() > 8  # the default keeps CLIP's bicubic filter: another picture
+    with pytest.raises(UserError, match="crop_resample"):
+        load_build_config(None, ["input.path=x", "stages.crop_resample=nearest"])
+
+
+def test_a_target_picture_beside_an_image_is_its_target_not_an_input(tmp_path):
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (10, 10), "blue").save(tmp_path / "a.target.png")
+    Image.new("RGB", (20, 20), "green").save(tmp_path / "b.target.png")  # no b.png: an input of its own
+    refs = {r.source_id: r for r in list_sources(tmp_path)}
+    assert sorted(refs) == ["a.png", "b.target.png"] and refs["b.target.png"].target == ""
+    assert open_image(refs["a.png"].target_ref(), 10**6).size == (10, 10)
+    assert refs["b.target.png"].target_ref() is refs["b.target.png"]
+    (tmp_path / "c.png").write_bytes(_jpeg(Image.new("RGB", (8, 8))))
+    (tmp_path / "c.target.png").write_bytes(b"broken")
+    records, _ = first_records(list_sources(tmp_path), 10**6)  # a bad target picture is listed, not fatal
+    assert [r.dropped.startswith("unreadable: target picture") for r in records] == [False, False, True]
 
 
 def test_records_round_trip_through_a_shard(tmp_path):
