@@ -324,3 +324,23 @@ def test_fine_tuned_decoder_survives_prior_then_decoder_memory_mode(runs, model_
     plain = base("a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     np.testing.assert_allclose(images["prior-then-decoder"], images["resident"], atol=1e-4)
     assert not np.allclose(plain, images["resident"], atol=1e-3)
+
+
+def test_miniworld_measurement_report_separates_the_decoder_and_the_object_counts(tmp_path):
+    """The report has the decoder-alone section, the per-object-count rows and the noise line; the plot is drawn."""
+    from lambda_eclipse.miniworld.finetune_eval import FIGURES, plot_figures, write_markdown
+
+    def point(v):
+        return {k: v for k, _ in FIGURES}
+
+    sets = ("finetuned", "control", "scene_embedding")
+    metrics = {"config": {"images_per_prompt": 2}, "finetuned_concepts": ["a"], "control_concepts": ["b"],
+               "prompts": {k: 48 for k in sets},
+               "results": {"full": {"0": {k: point(0.25) for k in sets}, "100": {k: point(0.5) for k in sets}},
+                           "lora": {"0": {k: point(0.25) for k in sets}, "100": {k: point(0.75) for k in sets}}}}
+    text = write_markdown(metrics)
+    assert "decoded from the held-out scene's own CLIP embedding" in text and "over 96 images is 5.1 points" in text
+    row = next(line for line in text.splitlines() if line.startswith("| ... in scenes of 2 objects"))
+    assert row.split(" | ")[1:] == ["0.250", "0.500", "0.750 |"]  # bundle, full @100, lora @100
+    plot_figures(metrics, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
