@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, CLIPTextModelWithProjection, CLIPTo
 
 from lambda_eclipse.atomic import atomic_dir
 from lambda_eclipse.losses import clip_loss
-from lambda_eclipse.miniworld.build import COMPONENTS, BuildConfig, build_components, smoke_config
+from lambda_eclipse.miniworld.build import COMPONENTS, STAGES, BuildConfig, build_components, smoke_config
 from lambda_eclipse.miniworld.clip_recipe import _scene_batch, train_clip, trim_padding
 from lambda_eclipse.miniworld.data import (
     background_index,
@@ -78,7 +78,7 @@ def test_rerun_skips_complete_stages(smoke_build: Path, capsys) -> None:
     stamp = {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}
     build_components(built, smoke_config(), verify_steps=2)
     assert stamp == {n: (built / "components" / n).stat().st_mtime_ns for n in COMPONENTS}
-    assert capsys.readouterr().out.count("complete, skipped") == 3
+    assert capsys.readouterr().out.count("complete, skipped") == 4  # clip, movq, unet and its colour continuation
 
 
 def test_build_runs_only_the_stages_asked_for(tmp_path: Path) -> None:
@@ -191,6 +191,48 @@ def test_killed_stage_resumes_exactly(tmp_path: Path, stage: str) -> None:
     initial = weights(run(tmp_path / "c", 0))  # no step taken: the initial weights
     assert any(not torch.equal(v, initial[k]) for k, v in straight.items())  # training moved them
 
+
+
+def test_colour_stage_continues_a_bundles_unet_in_place(smoke_build: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from lambda_eclipse.miniworld.unet_recipe import ColourRecipe, run_colour_stage
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(smoke_build / "bundle", bundle)
+    before = UNet2DConditionModel.from_pretrained(bundle / "unet").state_dict()
+    recipe, main = ColourRecipe(steps=2, batch=4, scenes=12, pairs=6, warmup=1), smoke_config().unet
+    assert run_colour_stage(bundle, tmp_path / "work", recipe, main, 0, 32, stop_after=1, half=True)["complete"] is False
+    assert torch.equal(UNet2DConditionModel.from_pretrained(bundle / "unet").state_dict()["conv_in.weight"],
+                       before["conv_in.weight"])  # a cut-short run leaves the bundle's UNet untouched
+    assert run_colour_stage(bundle, tmp_path / "work", recipe, main, 0, 32, half=True)["complete"] is True
+    from safetensors.torch import load_file
+
+    stored = load_file(str(bundle / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}  # a bundle stores its UNet in float16
+    after = UNet2DConditionModel.from_pretrained(bundle / "unet")
+    assert any(not torch.equal(v.float(), before[k].float()) for k, v in after.state_dict().items())
+    assert BuildConfig().colour.colour_mix == 0.5 and "colour" in STAGES
+
+
+def test_colour_pairs_condition_on_the_slerp_of_their_ends(smoke_build: Path) -> None:
+    from transformers import CLIPVisionModelWithProjection
+
+    from lambda_eclipse.miniworld.data import clip_pixels, unit_pixels
+    from lambda_eclipse.miniworld.scenes import render_scene, scene_seed
+    from lambda_eclipse.miniworld.unet_recipe import encode_colour_pairs
+
+    components = smoke_build / "components-build" / "components"
+    movq, encoder = VQModel.from_pretrained(components / "movq").eval(), CLIPVisionModelWithProjection.from_pretrained(
+        components / "image_encoder").eval()
+    latents, conds = encode_colour_pairs(3, 0, 32, 40, movq, encoder, batch=2)
+    assert latents.shape == (3, 4, 16, 16) and conds.shape == (3, encoder.config.projection_dim)
+    with torch.no_grad():
+        plain = encoder(pixel_values=clip_pixels(render_scene(scene_seed(0, 40), 32).image[None])).image_embeds[0]
+        own = movq.encode(unit_pixels(render_scene(scene_seed(0, 40), 32).image[None])).latents[0]
+    # the condition starts from the scene as rendered (cosine, not equality: t > 0) and the image is not that scene
+    assert torch.nn.functional.cosine_similarity(conds[0], plain, dim=0) > 0.5
+    assert not torch.allclose(latents[0], own)
 
 
 def test_v_prediction_recipe_saves_its_scheduler(smoke_build: Path, tmp_path: Path) -> None:

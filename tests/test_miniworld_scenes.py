@@ -110,3 +110,42 @@ def test_unknown_words_fall_back_to_characters() -> None:
     ids = tok("zebra!", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1 and tok.unk_token_id not in ids
     assert tok.decode(ids) == "zebra !"  # CLIP splits punctuation off as its own word
+
+
+def test_colour_mix_paints_between_palette_colours_and_changes_nothing_else() -> None:
+    from lambda_eclipse.miniworld.scenes import scene_seed
+    from lambda_eclipse.miniworld.vocab import COLOURS
+
+    changed = 0
+    for i in range(40):
+        plain, mixed = render_scene(scene_seed(5, i), 32), render_scene(scene_seed(5, i), 32, colour_mix=1.0)
+        assert np.array_equal(plain.image, render_scene(scene_seed(5, i), 32, colour_mix=0.0).image)
+        assert plain.captions == mixed.captions and [o.box for o in plain.objects] == [o.box for o in mixed.objects]
+        for a, b in zip(plain.objects, mixed.objects):
+            interior = (a.crop.astype(int) == COLOURS[a.colour]).all(-1)  # the crop's pixels fully inside a plain object
+            if a.texture != "plain" or interior.sum() < 4:
+                continue
+            rgb, own = b.crop[interior].astype(float).mean(0), np.asarray(COLOURS[a.colour], float)
+            # on a segment from its own palette colour towards another one, less than half way
+            fits = []
+            for c, v in COLOURS.items():
+                direction = np.asarray(v, float) - own
+                w = float((rgb - own) @ direction / (direction @ direction)) if c != a.colour else 0.0
+                fits.append((np.abs(own + w * direction - rgb).max(), w))
+            residual, weight = min(fits)
+            assert residual < 1.0 and 0.0 < weight < 0.5, (i, a.colour, rgb)
+            changed += 1
+    assert changed >= 10
+
+
+def test_recolour_paints_one_object_and_keeps_the_labels() -> None:
+    from lambda_eclipse.miniworld.scenes import scene_seed
+
+    scene = render_scene(scene_seed(2, 0), 32)
+    other = render_scene(scene_seed(2, 0), 32, recolour={0: (10.0, 200.0, 10.0)})
+    assert scene.captions == other.captions and scene.objects[0].colour == other.objects[0].colour
+    changed = np.any(scene.image != other.image, axis=-1)
+    x0, y0, x1, y1 = scene.objects[0].box
+    inside = np.zeros_like(changed)
+    inside[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True  # its box, and the anti-aliased rim around it
+    assert changed.any() and not changed[~inside].any()  # only the first object's pixels change

@@ -320,6 +320,22 @@ def _finetune_decoder_command(ns: argparse.Namespace) -> None:
     print(finetune_decoder(ns.config, ns.output_dir, ns.max_steps, ns.overrides))
 
 
+def miniworld_colour_unet(model: str, work: str, threads: int = 1) -> dict:
+    """Continue ``model/unet`` on colour-mixed scenes with the build's recipe (``BuildConfig().colour``), in
+    place; a bundle's UNet stays float16 as it is stored. See :func:`lambda_eclipse.miniworld.unet_recipe.run_colour_stage`."""
+    from pathlib import Path
+
+    import torch
+
+    from .miniworld.build import BuildConfig
+    from .miniworld.unet_recipe import run_colour_stage
+
+    torch.set_num_threads(threads)
+    config = BuildConfig()
+    bundle = (Path(model) / "model_index.json").is_file()  # bundles store the UNet in float16 (assemble_bundle)
+    return run_colour_stage(Path(model), Path(work), config.colour, config.unet, config.seed, config.size, half=bundle)
+
+
 def miniworld_finetune_eval(out: str, work: str, model: str | None = None, oracle: str | None = None,
                             threads: int = 1) -> dict:
     """Fine-tune the bundled decoder on 8 held-out concepts (full and LoRA) and score before/after; see
@@ -409,6 +425,12 @@ def add_tool_parsers(commands) -> argparse._SubParsersAction:
     build.add_argument("--smoke", action="store_true", help="a minutes-long reduced build that checks the chain")
     build.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     build.set_defaults(func=lambda ns: print(miniworld_build(ns.out, ns.install, ns.smoke, ns.threads)))
+    colour = world.add_parser("colour-unet", help="continue a bundle's UNet on off-palette object colours, in "
+                                                 "place (the build's `colour` stage; resumes when rerun)")
+    colour.add_argument("--model", required=True, help="pipeline or components folder whose unet/ is continued")
+    colour.add_argument("--work", required=True, help="work folder: encoded scenes, checkpoints")
+    colour.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    colour.set_defaults(func=lambda ns: print(json.dumps(miniworld_colour_unet(ns.model, ns.work, ns.threads))))
     evaluate = world.add_parser("eval", help="generate on held-out instances and prompts and score them")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=eval_command)

@@ -19,7 +19,7 @@ from ..atomic import atomic_write
 from .clip_recipe import CLIP_COMPONENTS, ClipRecipe, run_clip_stage
 from .data import load_or_render_pool
 from .movq_recipe import MoVQRecipe, run_movq_stage
-from .unet_recipe import UNetRecipe, run_unet_stage
+from .unet_recipe import ColourRecipe, UNetRecipe, run_colour_stage, run_unet_stage
 
 COMPONENTS = CLIP_COMPONENTS + ("movq", "unet", "scheduler")
 
@@ -37,12 +37,13 @@ class BuildConfig:
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     movq: MoVQRecipe = field(default_factory=MoVQRecipe)
     unet: UNetRecipe = field(default_factory=UNetRecipe)
+    colour: ColourRecipe = field(default_factory=ColourRecipe)
 
     @classmethod
     def from_dict(cls, data: dict) -> BuildConfig:
         """From a nested dict (e.g. parsed YAML); unknown keys raise ``TypeError``."""
         data = dict(data)
-        recipes = {"clip": ClipRecipe, "movq": MoVQRecipe, "unet": UNetRecipe}
+        recipes = {"clip": ClipRecipe, "movq": MoVQRecipe, "unet": UNetRecipe, "colour": ColourRecipe}
         for key, kind in recipes.items():
             if key in data:
                 sub = dict(data[key] or {})
@@ -61,6 +62,7 @@ def smoke_config(size: int = 32) -> BuildConfig:
                         projection_dim=32, warmup=1),
         movq=MoVQRecipe(steps=3, batch=8, block_out_channels=(32, 32), warmup=1),
         unet=UNetRecipe(steps=3, batch=8, block_out_channels=(32, 32), cross_attention_dim=32, warmup=1),
+        colour=ColourRecipe(steps=2, batch=8, scenes=32, pairs=8, warmup=1),
     )
 
 
@@ -69,7 +71,19 @@ def components_complete(components: Path, names: tuple[str, ...]) -> bool:
     return all((Path(components) / n).is_dir() for n in names)
 
 
-STAGES = ("clip", "movq", "unet")
+STAGES = ("clip", "movq", "unet", "colour")
+STAGE_OUTPUTS = {"clip": CLIP_COMPONENTS, "movq": ("movq",), "unet": ("unet", "scheduler"), "colour": ()}
+"""The component folders each stage writes; ``colour`` continues ``unet/`` in place and is recorded in the report."""
+
+
+def stages_complete(out_dir: str | Path, stages: tuple[str, ...]) -> bool:
+    """Whether every stage in ``stages`` of the build in ``out_dir`` is finished (its folders exist; for ``colour``,
+    its report entry says so)."""
+    out_dir = Path(out_dir)
+    report_path = out_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return all(components_complete(out_dir / "components", STAGE_OUTPUTS[s])
+               and (bool(STAGE_OUTPUTS[s]) or bool(report.get(s, {}).get("complete"))) for s in stages)
 
 
 def build_components(
@@ -111,18 +125,20 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: t
     )
     log(f"scene pools ready ({len(pool)} train, {len(heldout)} held-out) in {time.time() - t:.0f} s")
 
-    runners = {  # stage -> (the component folders it writes, how to run it)
-        "clip": (CLIP_COMPONENTS, lambda: run_clip_stage(
+    runners = {  # stage -> how to run it
+        "clip": (lambda: run_clip_stage(
             pool, heldout, work / "clip", components, config.clip, config.seed, config.size)),
-        "movq": (("movq",), lambda: run_movq_stage(
+        "movq": (lambda: run_movq_stage(
             pool, heldout, work / "movq", components, config.movq, config.seed)),
-        "unet": (("unet", "scheduler"), lambda: run_unet_stage(
+        "unet": (lambda: run_unet_stage(
             pool, heldout, work / "unet", components, config.unet, config.seed, config.size,
             verify_n=config.verify_n, verify_steps=verify_steps)),
+        "colour": (lambda: run_colour_stage(
+            components, work / "unet-colour", config.colour, config.unet, config.seed, config.size)),
     }
     for stage in (s for s in STAGES if s in stages):
-        outputs, run = runners[stage]
-        if components_complete(components, outputs):
+        run = runners[stage]
+        if stages_complete(out_dir, (stage,)):
             log(f"{stage}: complete, skipped")
             continue
         t = time.time()

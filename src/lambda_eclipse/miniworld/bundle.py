@@ -147,7 +147,7 @@ def _second_lane(out: Path, plan: MiniworldBuild, config, verify_steps: int) -> 
 
     from .build import build_components
 
-    build_components(out / "components-build", config, verify_steps, ("unet",))
+    build_components(out / "components-build", config, verify_steps, ("unet", "colour"))
     if _features_ready(out, plan):  # they are written first on the other lane, normally long before this
         torch.set_num_threads(1)
         _train_claimed_priors(out, plan, "second", _log)
@@ -161,7 +161,7 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
     """Run every stage into ``out_dir``; returns the bundle folder (copied to ``install`` when given)."""
     import torch
 
-    from .build import BuildConfig, build_components, components_complete, smoke_config
+    from .build import BuildConfig, build_components, smoke_config, stages_complete
 
     plan = plan or MiniworldBuild()
     out = Path(out_dir)
@@ -203,8 +203,8 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
                                "rerun the same command to resume it from its last checkpoints")
     # whatever the second lane did not do (one thread, or it stopped early) is done here; finished parts are skipped
     torch.set_num_threads(plan.threads)
-    if not components_complete(components, ("unet", "scheduler")):  # checked here: the stage reloads the pools
-        build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet",))
+    if not stages_complete(components_dir, ("unet", "colour")):  # checked here: the stages reload the pools
+        build_components(components_dir, replace(config, threads=plan.threads), verify_steps, ("unet", "colour"))
     for claim in (out / "priors").glob("*/.lane"):
         claim.unlink()
     _train_claimed_priors(out, plan, "first", _log)

@@ -66,10 +66,10 @@ def wrong_shape_caption(scene: Scene, rng: np.random.Generator) -> str:
     return caption[:start] + others[int(rng.integers(len(others)))] + caption[end:]
 
 
-def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePool:
-    """Render scenes 0..n-1 of stream ``seed`` (crops at the image size)."""
+def render_pool(n: int, seed: int, size: int, split: Split = "train", colour_mix: float = 0.0) -> ScenePool:
+    """Render scenes 0..n-1 of stream ``seed`` (crops at the image size; ``colour_mix``: see ``render_scene``)."""
     images, full, free, crops, crop_texts, crop_scene, masks, backgrounds, wrong = [], [], [], [], [], [], [], [], []
-    for i, scene in zip(range(n), iter_scenes(seed, size, split)):
+    for i, scene in zip(range(n), iter_scenes(seed, size, split, colour_mix=colour_mix)):
         images.append(scene.image)
         backgrounds.append(background_index(scene))
         wrong.append(wrong_shape_caption(scene, np.random.default_rng([seed, i, 11])))
@@ -89,10 +89,12 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train") -> ScenePo
     )
 
 
-def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split = "train") -> ScenePool:
-    """The pool cached at ``path`` (an ``.npz``) if it matches ``(n, seed, size, split)``, else render and cache it."""
+def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split = "train",
+                        colour_mix: float = 0.0) -> ScenePool:
+    """The pool cached at ``path`` (an ``.npz``) if it matches ``(n, seed, size, split, colour_mix)``, else render
+    and cache it."""
     path = Path(path)
-    key = np.asarray([n, seed, size, 0 if split == "train" else 1])
+    key = np.asarray([n, seed, size, 0 if split == "train" else 1] + ([round(colour_mix * 1e6)] if colour_mix else []))
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             if np.array_equal(z["key"], key) and "shape_maps" in z:
@@ -101,7 +103,7 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
                     list(z["crop_texts"]), z["crop_scene"], z["shape_maps"], z["backgrounds"],
                     list(z["captions_wrong_shape"]),
                 )
-    pool = render_pool(n, seed, size, split)
+    pool = render_pool(n, seed, size, split, colour_mix)
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:  # a handle: savez would append ".npz"
         np.savez(
             handle, key=key, images=pool.images, captions_full=np.asarray(pool.captions_full),

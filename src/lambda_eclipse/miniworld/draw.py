@@ -115,13 +115,14 @@ def background(colour: str, kind: str, size: int, scale: int, rng: np.random.Gen
 def paint_object(
     canvas: np.ndarray,
     shape: str,
-    colour: str,
+    colour: str | tuple[float, float, float],
     texture: str,
     box: tuple[float, float, float, float],
     size: int,
     scale: int,
 ) -> np.ndarray:
-    """Paint one object into ``canvas`` (n, n, 3) float32 in place; ``box`` (x0, y0, x1, y1) in output px.
+    """Paint one object into ``canvas`` (n, n, 3) float32 in place; ``box`` (x0, y0, x1, y1) in output px;
+    ``colour`` is a palette name or an (r, g, b) triple in [0, 255].
 
     Returns the object's hard silhouette on the canvas grid, (n, n) bool.
     """
@@ -134,7 +135,7 @@ def paint_object(
     ys, xs = np.mgrid[r0:r1, c0:c1].astype(np.float32)
     px, py = (xs + 0.5) / scale, (ys + 0.5) / scale  # centre of each canvas cell, in output pixels
     local = shape_mask(shape, (px - cx) / half, (py - cy) / half)
-    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    rgb = np.asarray(COLOURS[colour] if isinstance(colour, str) else colour, dtype=np.float32)
     second = texture_pattern(texture, px - x0, py - y0, period=max(4.0, size / 8.0))
     window = canvas[r0:r1, c0:c1]
     window[local & ~second] = rgb

@@ -165,13 +165,28 @@ def _caption(template: str, objects: list[SceneObject], relations: list[str], bg
     return caption, [(s + offset, e + offset) for s, e in spans]
 
 
+def _mixed_colour(rng: np.random.Generator, colour: str, share: float) -> str | tuple[float, float, float]:
+    """``colour``, or with probability ``share`` its RGB blended toward another palette colour (weight in [0, 1/2))."""
+    if share <= 0 or rng.random() >= share:
+        return colour
+    other = [c for c in COLOURS if c != colour][int(rng.integers(len(COLOURS) - 1))]
+    weight = 0.5 * rng.random()
+    a, b = np.asarray(COLOURS[colour], np.float32), np.asarray(COLOURS[other], np.float32)
+    return tuple(float(v) for v in (1 - weight) * a + weight * b)
+
+
 def render_scene(
-    seed: int, size: int = 32, split: Split = "train", crop_size: int | None = None, scale: int = 4
+    seed: int, size: int = 32, split: Split = "train", crop_size: int | None = None, scale: int = 4,
+    colour_mix: float = 0.0, recolour: dict[int, str | tuple[float, float, float]] | None = None,
 ) -> Scene:
     """Render scene ``seed`` of ``split`` at ``size`` px (crops at ``crop_size``, default ``size``).
 
     ``scale`` is the supersampling factor of the internal canvas; crops come from that canvas, as the
     paper crops subjects from the full-resolution photograph rather than from a thumbnail.
+    ``colour_mix``: the share of objects painted in an off-palette colour, their palette colour blended with
+    another one (weight < 1/2, so the object's colour name stays the nearer one). The draws come from a generator
+    of their own: every scene is otherwise the same as with ``colour_mix=0``. ``recolour`` paints object ``i``
+    (caption order) in the colour given (a palette name or an RGB triple) in place of its own; labels are unchanged.
     """
     if split not in _SPLIT_CODE:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
@@ -192,9 +207,12 @@ def render_scene(
     noise_rng = np.random.default_rng(int(rng.integers(2**31)))  # drawn last: keeps the layout stable
 
     canvas = draw.background(bg_colour, bg_kind, size, scale, noise_rng)
+    mix_rng = np.random.default_rng([seed, _SPLIT_CODE[split], 17])
+    paints = [_mixed_colour(mix_rng, colour, colour_mix) for colour, _ in appearances]
+    paints = [(recolour or {}).get(i, paint) for i, paint in enumerate(paints)]
     hi_masks = [
-        draw.paint_object(canvas, shape, colour, texture, tuple(box * size), size, scale)
-        for shape, (colour, texture), box in zip(shapes, appearances, boxes)
+        draw.paint_object(canvas, shape, paint, texture, tuple(box * size), size, scale)
+        for shape, paint, (_, texture), box in zip(shapes, paints, appearances, boxes)
     ]
     # box filter: the canvas average over each output pixel (anti-aliasing)
     image = np.round(canvas.reshape(size, scale, size, scale, 3).mean(axis=(1, 3))).astype(np.uint8)
@@ -234,12 +252,13 @@ def scene_seed(seed: int, index: int) -> int:
 
 
 def iter_scenes(
-    seed: int = 0, size: int = 32, split: Split = "train", start: int = 0, crop_size: int | None = None
+    seed: int = 0, size: int = 32, split: Split = "train", start: int = 0, crop_size: int | None = None,
+    colour_mix: float = 0.0,
 ) -> Iterator[Scene]:
     """An endless stream of scenes ``start, start + 1, ...`` of stream ``seed``."""
     i = start
     while True:
-        yield render_scene(scene_seed(seed, i), size, split, crop_size)
+        yield render_scene(scene_seed(seed, i), size, split, crop_size, colour_mix=colour_mix)
         i += 1
 
 

@@ -181,3 +181,108 @@ def run_unet_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
         Image.fromarray(np.concatenate(rows, 0)).save(temporary, format="PNG")
     atomic_write(work_dir / "metrics.json", json.dumps({"recipe": asdict(recipe), **metrics}, indent=2))
     return metrics
+
+
+@dataclass(frozen=True)
+class ColourRecipe:
+    """Continued training of a built UNet on scenes whose objects also take off-palette colours.
+
+    The main recipe's scenes use 8 object colours only, so the decoder had never drawn a colour between two of
+    them: decoding the CLIP embeddings of an RGB ramp lost the object or jumped from one colour to the other, and
+    interpolated embeddings did the same (docs/miniworld-notes.md, "Colour continuum"). The CLIP encoder is
+    already smooth along such ramps, so only the decoder is taught them.
+    """
+
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-4  # a quarter of the main recipe's peak: the skills it learned are kept, not relearned
+    warmup: int = 50
+    colour_mix: float = 0.5  # half the objects off-palette, half on it (palette colours stay as they were)
+    scenes: int = 20000  # scenes of the build's training stream (same layouts), rendered with colour_mix
+    # Scenes (the stream's next ones) in which one object goes from its colour A to another palette colour B: the
+    # condition is slerp(CLIP(scene in A), CLIP(scene in B), t), the image the scene painted (1-t)·A + t·B. The tiny
+    # CLIP's embedding of a mixed colour lies off the A-B arc, so without these the decoder, given an embedding on
+    # the arc (what interpolation makes), still jumps from A to B (docs/miniworld-notes.md, "Colour continuum")
+    pairs: int = 5000
+    ema_decay: float = 0.999
+
+
+@torch.no_grad()
+def encode_colour_pairs(n: int, seed: int, size: int, start: int, movq: VQModel,
+                        image_encoder: CLIPVisionModelWithProjection, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` colour-pair samples (see ``ColourRecipe.pairs``) of training scenes ``start ..``: MoVQ latents of the
+    mixed-colour renders (n, C, h, w) and their conditions, slerps between the two ends' CLIP embeddings (n, D)."""
+    from ..interpolation import slerp
+    from .scenes import render_scene, scene_seed
+    from .vocab import COLOURS
+
+    lats, conds = [], []
+    for first in range(0, n, batch):
+        ends_a, ends_b, mixed, weights = [], [], [], []
+        for k in range(first, min(n, first + batch)):
+            scene_id = scene_seed(seed, start + k)
+            scene = render_scene(scene_id, size)
+            rng = np.random.default_rng([seed, start + k, 23])
+            i = int(rng.integers(len(scene.objects)))
+            a = scene.objects[i].colour
+            b = [c for c in COLOURS if c != a][int(rng.integers(len(COLOURS) - 1))]
+            t = float(rng.random())
+            rgb = tuple(float(v) for v in (1 - t) * np.asarray(COLOURS[a], float) + t * np.asarray(COLOURS[b], float))
+            ends_a.append(scene.image)
+            ends_b.append(render_scene(scene_id, size, recolour={i: b}).image)
+            mixed.append(render_scene(scene_id, size, recolour={i: rgb}).image)
+            weights.append(t)
+        emb_a = image_encoder(pixel_values=clip_pixels(np.stack(ends_a))).image_embeds
+        emb_b = image_encoder(pixel_values=clip_pixels(np.stack(ends_b))).image_embeds
+        conds.append(slerp(emb_a, emb_b, torch.tensor(weights)[:, None]))
+        lats.append(movq.encode(unit_pixels(np.stack(mixed))).latents)
+    return torch.cat(lats), torch.cat(conds)
+
+
+def run_colour_stage(components: Path, work_dir: Path, recipe: ColourRecipe, unet_recipe: UNetRecipe, seed: int,
+                     size: int, stop_after: int | None = None, half: bool = False) -> dict[str, float]:
+    """Continue ``components/unet`` on colour-mixed scenes (cached encodings, resumable in ``work_dir``) and write
+    it back to ``components/unet`` atomically (in float16 if ``half``: the shipped bundle's storage). ``components``
+    is a build's components folder or a bundle folder: both hold ``unet/``, ``movq/`` and ``image_encoder/``."""
+    from safetensors.torch import load_file, save_file
+
+    from ..atomic import atomic_dir
+    from .data import render_pool
+
+    components, work_dir = Path(components), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    movq = VQModel.from_pretrained(components / "movq").eval()
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(components / "image_encoder").eval()
+    cache = work_dir / "encoded.safetensors"
+    if cache.exists():
+        cached = load_file(str(cache))
+        latents, embeds = cached["latents"], cached["embeds"]
+    else:
+        pool = render_pool(recipe.scenes, seed, size, "train", colour_mix=recipe.colour_mix)
+        latents, embeds = encode_pool(pool.images, movq, image_encoder)
+        if recipe.pairs:
+            pair_latents, pair_embeds = encode_colour_pairs(recipe.pairs, seed, size, recipe.scenes, movq, image_encoder)
+            latents, embeds = torch.cat([latents, pair_latents]), torch.cat([embeds, pair_embeds])
+        with atomic_path(cache) as temporary:
+            save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous()}, str(temporary))
+    start = components / "unet"
+    objective = DecoderObjective(
+        make_unet=lambda: UNet2DConditionModel.from_pretrained(start, torch_dtype=torch.float32),
+        scheduler=kandinsky_scheduler(unet_recipe.prediction_type), latents=latents, embeds=embeds,
+        zero_embed=zero_image_embedding(image_encoder, size),
+        config=DecoderObjectiveConfig(batch_size=recipe.batch, cond_dropout=unet_recipe.cond_dropout,
+                                      snr_gamma=unet_recipe.snr_gamma),
+        export_to=work_dir / "export", settings={**asdict(recipe), "continues": "unet"},
+    )
+    settings = recipe_settings("unet-colour", work_dir, recipe.steps, seed, recipe.lr, recipe.warmup,
+                               ema_decay=recipe.ema_decay)
+    run = run_training(objective, settings, stop_after)
+    if not run.complete:
+        return {"steps": run.step, "complete": False}
+    unet = run.model.eval()
+    with atomic_dir(start) as temporary:  # the continued UNet replaces the one it started from, whole or not at all
+        (unet.half() if half else unet).save_pretrained(temporary)
+    metrics = {"steps": recipe.steps, "scenes": recipe.scenes, "colour_mix": recipe.colour_mix, "pairs": recipe.pairs,
+               "complete": True}
+    atomic_write(work_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
