@@ -212,7 +212,7 @@ def test_colour_stage_continues_a_bundles_unet_in_place(smoke_build: Path, tmp_p
     assert {v.dtype for v in stored.values()} == {torch.float16}  # a bundle stores its UNet in float16
     after = UNet2DConditionModel.from_pretrained(bundle / "unet")
     assert any(not torch.equal(v.float(), before[k].float()) for k, v in after.state_dict().items())
-    assert BuildConfig().colour.colour_mix == 0.5 and "colour" in STAGES
+    assert BuildConfig().colour.steps == 0 and ColourRecipe().steps == 2000 and "colour" in STAGES  # off when shipped
 
 
 def test_colour_pairs_condition_on_the_slerp_of_their_ends(smoke_build: Path) -> None:

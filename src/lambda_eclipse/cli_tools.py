@@ -321,19 +321,19 @@ def _finetune_decoder_command(ns: argparse.Namespace) -> None:
 
 
 def miniworld_colour_unet(model: str, work: str, threads: int = 1) -> dict:
-    """Continue ``model/unet`` on colour-mixed scenes with the build's recipe (``BuildConfig().colour``), in
+    """Continue ``model/unet`` on colour-mixed scenes and colour pairs with :class:`ColourRecipe`'s defaults, in
     place; a bundle's UNet stays float16 as it is stored. See :func:`lambda_eclipse.miniworld.unet_recipe.run_colour_stage`."""
     from pathlib import Path
 
     import torch
 
     from .miniworld.build import BuildConfig
-    from .miniworld.unet_recipe import run_colour_stage
+    from .miniworld.unet_recipe import ColourRecipe, run_colour_stage
 
     torch.set_num_threads(threads)
     config = BuildConfig()
     bundle = (Path(model) / "model_index.json").is_file()  # bundles store the UNet in float16 (assemble_bundle)
-    return run_colour_stage(Path(model), Path(work), config.colour, config.unet, config.seed, config.size, half=bundle)
+    return run_colour_stage(Path(model), Path(work), ColourRecipe(), config.unet, config.seed, config.size, half=bundle)
 
 
 def miniworld_finetune_eval(out: str, work: str, model: str | None = None, oracle: str | None = None,

@@ -37,7 +37,8 @@ class BuildConfig:
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     movq: MoVQRecipe = field(default_factory=MoVQRecipe)
     unet: UNetRecipe = field(default_factory=UNetRecipe)
-    colour: ColourRecipe = field(default_factory=ColourRecipe)
+    # off in the shipped build: measured, it did not make interpolation even (docs/miniworld-notes.md)
+    colour: ColourRecipe = field(default_factory=lambda: ColourRecipe(steps=0))
 
     @classmethod
     def from_dict(cls, data: dict) -> BuildConfig:

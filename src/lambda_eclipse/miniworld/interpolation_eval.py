@@ -153,8 +153,6 @@ def measure_ramp(pipe, oracle, cfg: InterpolationEvalConfig, size: int) -> dict:
     """References for the lines: each line's scene rendered with the subject's colour mixed from A to B in RGB (a
     truly smooth transition), scored as rendered and as decoded from the renders' own CLIP embeddings. They tell
     what the judge (oracle, tiny CLIP) and the decoder make of a smooth colour ramp."""
-    from . import draw
-
     rendered, decoded = [], []
     ecfg = EvalConfig(images_per_prompt=cfg.frames, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, seed=cfg.seed)
@@ -162,13 +160,9 @@ def measure_ramp(pipe, oracle, cfg: InterpolationEvalConfig, size: int) -> dict:
         obj = scene.objects[0]
         b = other_colour(obj.colour)
         a_rgb, b_rgb = np.array(COLOURS[obj.colour], float), np.array(COLOURS[b], float)
-        renders = []
-        try:  # the palette is module data: mix the subject's colour in place, and put it back
-            for t in np.linspace(0, 1, cfg.frames):
-                draw.COLOURS[obj.colour] = tuple(int(round(v)) for v in (1 - t) * a_rgb + t * b_rgb)
-                renders.append(render_scene(scene.seed, size, "heldout").image)
-        finally:
-            draw.COLOURS[obj.colour] = tuple(int(v) for v in a_rgb)
+        renders = [render_scene(scene.seed, size, "heldout",
+                                recolour={0: tuple(float(round(v)) for v in (1 - t) * a_rgb + t * b_rgb)}).image
+                   for t in np.linspace(0, 1, cfg.frames)]
         renders = np.stack(renders)
         rendered.append(score_line(pipe, oracle, renders, obj, b))
         embeds = clip_features(pipe, [Image.fromarray(r) for r in renders])[0]

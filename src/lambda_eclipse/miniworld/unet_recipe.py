@@ -249,6 +249,8 @@ def run_colour_stage(components: Path, work_dir: Path, recipe: ColourRecipe, une
     from ..atomic import atomic_dir
     from .data import render_pool
 
+    if recipe.steps == 0:
+        return {"steps": 0, "complete": True}  # the stage is off
     components, work_dir = Path(components), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     movq = VQModel.from_pretrained(components / "movq").eval()
