@@ -261,6 +261,12 @@ def test_miniworld_eval_flags_reach_the_evaluation(monkeypatch, tmp_path, capsys
     assert "LABEL=DIR" in capsys.readouterr().err and seen == {}  # refused before the evaluation runs
 
 
+def test_colour_unet_refuses_a_folder_without_components(tmp_path, capsys):
+    assert main(["miniworld", "colour-unet", "--model", str(tmp_path / "empty"), "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks unet, movq, image_encoder/" in err and "Traceback" not in err and not (tmp_path / "w").exists()
+
+
 def test_writes_go_through_the_atomic_helper():
     for name, helper in (("cli.py", "save_png"), ("pipeline.py", "atomic_path"), ("outputs.py", "write_new_file")):
         source = (PACKAGE / name).read_text()

@@ -330,6 +330,9 @@ def miniworld_colour_unet(model: str, work: str, threads: int = 1) -> dict:
     from .miniworld.build import BuildConfig
     from .miniworld.unet_recipe import ColourRecipe, run_colour_stage
 
+    missing = [name for name in ("unet", "movq", "image_encoder") if not (Path(model) / name / "config.json").is_file()]
+    if missing:
+        raise UserError(f"--model {model!r} lacks {', '.join(missing)}/; give a miniworld bundle or components folder")
     torch.set_num_threads(threads)
     config = BuildConfig()
     bundle = (Path(model) / "model_index.json").is_file()  # bundles store the UNet in float16 (assemble_bundle)

@@ -99,6 +99,19 @@ def encode_pool(
     return torch.cat(lats), torch.cat(embs)
 
 
+def cached_encoding(cache: Path, encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, embeds) stored at ``cache`` (safetensors), else ``encode()``'s, written there atomically first."""
+    from safetensors.torch import load_file, save_file
+
+    if cache.exists():
+        cached = load_file(str(cache))
+        return cached["latents"], cached["embeds"]
+    latents, embeds = encode()
+    with atomic_path(cache) as temporary:
+        save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous()}, str(temporary))
+    return latents, embeds
+
+
 def train_unet(
     latents: torch.Tensor, embeds: torch.Tensor, zero_embed: torch.Tensor, work_dir: Path, recipe: UNetRecipe,
     seed: int, export_to: Path | None = None, stop_after: int | None = None,
@@ -151,19 +164,12 @@ def run_unet_stage(pool: ScenePool, heldout: ScenePool, work_dir: Path, componen
                    seed: int, size: int, verify_n: int = 64, verify_steps: int = 50) -> dict[str, float]:
     """Encode the pool (cached), train, export ``unet/`` and ``scheduler/``, verify through the pipeline."""
     from PIL import Image
-    from safetensors.torch import load_file, save_file
 
     work_dir = Path(work_dir)
     movq = VQModel.from_pretrained(Path(components) / "movq").eval()
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(Path(components) / "image_encoder").eval()
-    cache = work_dir / "encoded.safetensors"
-    if cache.exists():
-        cached = load_file(str(cache))
-        latents, embeds = cached["latents"], cached["embeds"]
-    else:
-        latents, embeds = encode_pool(pool.images, movq, image_encoder)
-        with atomic_path(cache) as temporary:
-            save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous()}, str(temporary))
+    latents, embeds = cached_encoding(work_dir / "encoded.safetensors",
+                                      lambda: encode_pool(pool.images, movq, image_encoder))
     zero = zero_image_embedding(image_encoder, size)
     unet = train_unet(latents, embeds, zero, work_dir, recipe, seed, export_to=Path(components))
     images = heldout.images[:verify_n]
@@ -244,8 +250,6 @@ def run_colour_stage(components: Path, work_dir: Path, recipe: ColourRecipe, une
     """Continue ``components/unet`` on colour-mixed scenes (cached encodings, resumable in ``work_dir``) and write
     it back to ``components/unet`` atomically (in float16 if ``half``: the shipped bundle's storage). ``components``
     is a build's components folder or a bundle folder: both hold ``unet/``, ``movq/`` and ``image_encoder/``."""
-    from safetensors.torch import load_file, save_file
-
     from ..atomic import atomic_dir
     from .data import render_pool
 
@@ -255,18 +259,15 @@ def run_colour_stage(components: Path, work_dir: Path, recipe: ColourRecipe, une
     work_dir.mkdir(parents=True, exist_ok=True)
     movq = VQModel.from_pretrained(components / "movq").eval()
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(components / "image_encoder").eval()
-    cache = work_dir / "encoded.safetensors"
-    if cache.exists():
-        cached = load_file(str(cache))
-        latents, embeds = cached["latents"], cached["embeds"]
-    else:
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
         pool = render_pool(recipe.scenes, seed, size, "train", colour_mix=recipe.colour_mix)
         latents, embeds = encode_pool(pool.images, movq, image_encoder)
         if recipe.pairs:
             pair_latents, pair_embeds = encode_colour_pairs(recipe.pairs, seed, size, recipe.scenes, movq, image_encoder)
             latents, embeds = torch.cat([latents, pair_latents]), torch.cat([embeds, pair_embeds])
-        with atomic_path(cache) as temporary:
-            save_file({"latents": latents.contiguous(), "embeds": embeds.contiguous()}, str(temporary))
+        return latents, embeds
+
+    latents, embeds = cached_encoding(work_dir / "encoded.safetensors", encode)
     start = components / "unet"
     objective = DecoderObjective(
         make_unet=lambda: UNet2DConditionModel.from_pretrained(start, torch_dtype=torch.float32),
