@@ -267,6 +267,25 @@ def test_miniworld_measurement_picks_disjoint_held_out_concepts():
     assert set(tuned) | set(control) <= RESERVED_INSTANCES and len({c[0] for c in tuned}) == 8  # one per shape
 
 
+def test_miniworld_concepts_folder_paints_the_concepts_in_a_new_colour(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lambda_eclipse.miniworld.finetune_eval import write_concepts_folder, split_instances
+    from lambda_eclipse.miniworld.scenes import iter_scenes, render_scene
+
+    concept = split_instances()[0][0]
+    lime = (0.0, 255.0, 30.0)
+    plain = write_concepts_folder([concept], 1, 7002, 32, tmp_path / "plain")
+    painted = write_concepts_folder([concept], 1, 7002, 32, tmp_path / "painted", colour=lime)
+    scene = next(s for s in iter_scenes(7002, 32, "heldout") if concept in [(o.shape, o.colour, o.texture) for o in s.objects])
+    i = [(o.shape, o.colour, o.texture) for o in scene.objects].index(concept)
+    name = "-".join(concept) + "/000.png"
+    assert np.array_equal(np.asarray(Image.open(plain / name)), scene.image)
+    want = render_scene(scene.seed, 32, "heldout", recolour={i: lime}).image
+    assert np.array_equal(np.asarray(Image.open(painted / name)), want) and not np.array_equal(want, scene.image)
+
+
 @pytest.mark.slow  # scans a few hundred scenes (~4 s)
 def test_miniworld_measurement_prompts_hold_the_concept_and_are_balanced():
     from lambda_eclipse.miniworld.finetune_eval import eval_prompts, split_instances

@@ -1,6 +1,6 @@
 """Pilot (issue 13): 7 frames placed at even CLIP-I arc length along the slerp line. The line is first decoded at 9
     positions, then the 4 widest CLIP-I steps are bisected until N decodes; usage: python docs/colour-continuum/even_spacing.py LINES N"""
-import sys, json, torch, numpy as np, torch.nn.functional as F
+import sys, torch, numpy as np, torch.nn.functional as F
 from PIL import Image
 torch.set_num_threads(1)
 from lambda_eclipse.pipeline import LambdaEclipsePipeline
@@ -16,6 +16,10 @@ def run(corners, ts):
     out = pipe.interpolate(corners, steps=cfg.frames, path="slerp", seed=cfg.seed, positions=[(0.0, float(t)) for t in ts],
                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, output_type="np")
     return np.round(np.clip(out.images, 0, 1) * 255).astype(np.uint8)
+def neighbour_steps(feats):
+    """CLIP-I steps (1 - cosine) between neighbouring positions, and the positions sorted."""
+    ts = np.array(sorted(feats)); f = torch.stack([feats[t] for t in ts])
+    return ts, (1 - (f[:-1] * f[1:]).sum(-1)).numpy()
 res = []
 for scene in one_subject_scenes(n, cfg.seed, size):
     obj = scene.objects[0]; b = other_colour(obj.colour); prompt = scene.captions["appearance_free"]
@@ -26,12 +30,10 @@ for scene in one_subject_scenes(n, cfg.seed, size):
         for t, x in zip(new, F.normalize(clip_features(pipe, [Image.fromarray(y) for y in fr])[0], dim=-1)): feats[float(t)] = x
     feat(ts)
     while len(feats) < dense:
-        ts = np.array(sorted(feats)); f = torch.stack([feats[t] for t in ts])
-        st = (1 - (f[:-1] * f[1:]).sum(-1)).numpy()
+        ts, st = neighbour_steps(feats)
         worst = np.argsort(-st)[:4]
         feat([(ts[i] + ts[i + 1]) / 2 for i in worst])
-    ts = np.array(sorted(feats)); f = torch.stack([feats[t] for t in ts])
-    st = (1 - (f[:-1] * f[1:]).sum(-1)).numpy(); cum = np.concatenate([[0], np.cumsum(st)])
+    ts, st = neighbour_steps(feats); cum = np.concatenate([[0], np.cumsum(st)])
     even_t = np.interp(np.linspace(0, cum[-1], cfg.frames), cum, ts)
     uni = score_line(pipe, oracle, run(corners, np.linspace(0, 1, cfg.frames)), obj, b)
     ev = score_line(pipe, oracle, run(corners, even_t), obj, b)

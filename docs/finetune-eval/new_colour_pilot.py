@@ -7,17 +7,16 @@ palette colours, the new colour (each with its texture mixes) and the background
 commonest object colour. Control concepts are scored by the same judge and by the oracle. Results:
 docs/finetune-eval/diagnostics.md ("A colour the bundle never drew").
 """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
 from lambda_eclipse.miniworld import finetune_eval as fe
-from lambda_eclipse.miniworld.scenes import render_scene, iter_scenes, SIZE_FRACTION
+from lambda_eclipse.miniworld.scenes import render_scene, SIZE_FRACTION
 from lambda_eclipse.miniworld.vocab import COLOURS, BG_COLOURS
 from lambda_eclipse.miniworld.draw import contrast_colour
 
 torch.set_num_threads(1)
-import os
 NOVEL = tuple(float(v) for v in os.environ.get("NOVEL", "120,20,30").split(","))
 MODEL = "models/miniworld"
 ORACLE = "src/lambda_eclipse/models/miniworld-oracle"
@@ -52,18 +51,6 @@ def judge(image, reading, obj, size):
 
 def recolour(scene, i):
     return render_scene(scene.seed, scene.size, scene.split, recolour={i: NOVEL})
-
-def concepts_folder(concepts, per, stream, size, root):
-    if root.is_dir(): return root
-    counts = {c: 0 for c in concepts}
-    for scene in iter_scenes(stream, size, "heldout"):
-        keys = [fe._key(o) for o in scene.objects]
-        for c in set(keys) & set(concepts):
-            if counts[c] < per:
-                img = render_scene(scene.seed, size, "heldout", recolour={keys.index(c): NOVEL}).image
-                folder = root / "-".join(c); folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img).save(folder / f"{counts[c]:03d}.png"); counts[c] += 1
-        if all(v == per for v in counts.values()): return root
 
 def main():
     from lambda_eclipse.pipeline import LambdaEclipsePipeline
@@ -107,7 +94,7 @@ def main():
             Image.fromarray(np.concatenate([np.concatenate(list(imgs[r*12:(r+1)*12]), 1) for r in range(len(imgs)//12)], 0)).resize((12*64, len(imgs)//12*64), Image.NEAREST).save(work / f"{tag}-{name}.png")
         print(tag, json.dumps(out), flush=True)
     score("bundle")
-    cdir = concepts_folder(tuned, 96, 7002, size, work / "concepts")
+    cdir = fe.write_concepts_folder(tuned, 96, 7002, size, work / "concepts", colour=NOVEL)
     original = pipe.unet
     config = load_finetune_config(None, [f"data.concepts_dir={cdir}", f"model.decoder={MODEL}", f"model.encoders={MODEL}",
         f"mode={mode}", f"optim.lr={lr}", "lora.rank=8", "data.batch_size=16", "loss.cond_dropout=0.1", "mixed_precision=no",

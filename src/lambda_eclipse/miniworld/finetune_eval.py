@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_path, atomic_write
-from .scenes import RESERVED_INSTANCES, Scene, iter_scenes
+from .scenes import RESERVED_INSTANCES, Scene, iter_scenes, render_scene
 
 Instance = tuple[str, str, str]  # (shape, colour, texture)
 
@@ -93,18 +93,23 @@ def eval_prompts(concepts: list[Instance], exclude: list[Instance], per_concept:
     return picked
 
 
-def write_concepts_folder(concepts: list[Instance], per_concept: int, stream: int, size: int, root: Path) -> Path:
-    """One folder of scene PNGs per concept (scenes that hold it), the layout ``finetune-decoder`` reads."""
+def write_concepts_folder(concepts: list[Instance], per_concept: int, stream: int, size: int, root: Path,
+                          colour: tuple[float, float, float] | None = None) -> Path:
+    """One folder of scene PNGs per concept (scenes that hold it), the layout ``finetune-decoder`` reads.
+    ``colour``: paint the concepts' objects in this RGB instead of their own (a colour the bundle never drew)."""
     counts = {c: 0 for c in concepts}
     if root.is_dir() and all(len(list((root / "-".join(c)).glob("*.png"))) == per_concept for c in concepts):
         return root
     for scene in iter_scenes(stream, size, "heldout"):
-        for c in {_key(o) for o in scene.objects} & set(concepts):
+        keys = [_key(o) for o in scene.objects]
+        image = scene.image if colour is None else render_scene(
+            scene.seed, size, "heldout", recolour={i: colour for i, k in enumerate(keys) if k in concepts}).image
+        for c in set(keys) & set(concepts):
             if counts[c] < per_concept:
                 folder = root / "-".join(c)
                 folder.mkdir(parents=True, exist_ok=True)
                 with atomic_path(folder / f"{counts[c]:03d}.png") as temporary:
-                    Image.fromarray(scene.image).save(temporary, format="PNG")
+                    Image.fromarray(image).save(temporary, format="PNG")
                 counts[c] += 1
         if all(v == per_concept for v in counts.values()):
             return root
