@@ -1,5 +1,10 @@
-"""Frames decoded by img2img from one anchor picture (the line's A-corner image), at several strengths."""
-import sys, torch, numpy as np
+"""Frames decoded by img2img from one anchor picture (the line's A-corner image), at several strengths.
+
+usage: [MODEL=DIR] python docs/colour-continuum/anchored.py LINES STRENGTHS [true]
+true: the line's ends are the CLIP image embeddings of the scene rendered in colour A and in colour B (one layout),
+the condition ``miniworld colour-unet`` trains its colour pairs on, instead of the prior's embeddings."""
+import os, sys, torch, numpy as np
+from pathlib import Path
 from PIL import Image
 torch.set_num_threads(1)
 from lambda_eclipse.pipeline import LambdaEclipsePipeline
@@ -8,14 +13,20 @@ from lambda_eclipse.miniworld.interpolation_eval import InterpolationEvalConfig,
 from lambda_eclipse.interpolation import Corner
 from lambda_eclipse.decoding import decode_image_embeds, decoder_scheduler
 from lambda_eclipse.cli import BUNDLED_ORACLE
-pipe = LambdaEclipsePipeline.from_pretrained("models/miniworld"); pipe.set_progress_bar_config(disable=True)
+from lambda_eclipse.miniworld.evaluate import clip_features
+from lambda_eclipse.miniworld.scenes import render_scene
+pipe = LambdaEclipsePipeline.from_pretrained(os.environ.get("MODEL", "models/miniworld")); pipe.set_progress_bar_config(disable=True)
 oracle = load_oracle(str(BUNDLED_ORACLE)); cfg = InterpolationEvalConfig(); size = 32
-n = int(sys.argv[1]); strengths = [float(s) for s in sys.argv[2].split(",")]
+n = int(sys.argv[1]); strengths = [float(s) for s in sys.argv[2].split(",")]; true_ends = sys.argv[3:] == ["true"]
 kw = dict(seed=cfg.seed, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler)
+out = Path("runs/colour-continuum"); out.mkdir(parents=True, exist_ok=True)  # frame grids
 rows = {s: [] for s in strengths}; grids = {s: [] for s in strengths}
 for scene in one_subject_scenes(n, cfg.seed, size):
     obj = scene.objects[0]; b = other_colour(obj.colour); prompt = scene.captions["appearance_free"]
     corners = [Corner(prompt, {obj.noun: Image.fromarray(obj.crop)}), Corner(prompt, {obj.noun: subject_picture(obj.shape, b, obj.texture, size)})]
+    if true_ends:
+        pictures = [scene.image, render_scene(scene.seed, size, "heldout", recolour={0: b}).image]
+        corners = list(clip_features(pipe, [Image.fromarray(x) for x in pictures])[0])
     e = pipe.interpolate(corners, steps=cfg.frames, output_type="embeds", **kw)
     anchor = pipe.interpolate(corners, steps=2, output_type="pil", **kw).images[0]
     for s in strengths:
@@ -30,4 +41,4 @@ for s, r in rows.items():
           "even", np.mean([x["even"] for x in r]), "median max/mean", np.median([x["max_over_mean_step"] for x in r]),
           "all", np.mean([x["found_every_frame"] and x["direction_changes"] <= 1 and x["even"] and x["a_to_b"] for x in r]), flush=True)
     g = np.concatenate([np.concatenate(list(f), 1) for f in grids[s]], 0)
-    Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(f"docs/colour-continuum/anchor-{s}.png")
+    Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(out / f"anchored-{s}{'-true' * true_ends}.png")

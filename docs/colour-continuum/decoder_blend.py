@@ -1,5 +1,6 @@
 """Blending at the decoder instead of the embedding: (a) the image-time-embedding outputs, (b) the UNet's predictions."""
 import sys, torch, numpy as np
+from pathlib import Path
 from PIL import Image
 torch.set_num_threads(1)
 from lambda_eclipse.pipeline import LambdaEclipsePipeline
@@ -35,6 +36,7 @@ def line(corners, hook):
                                guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, output_type="np")
         imgs.append(np.round(np.clip(out.images[0], 0, 1) * 255).astype(np.uint8))
     return np.stack(imgs)
+out = Path("runs/colour-continuum"); out.mkdir(parents=True, exist_ok=True)  # frame grids
 rows = {}; allframes = {m: [] for m in modes}
 for scene in one_subject_scenes(n, cfg.seed, size):
     obj = scene.objects[0]; b = other_colour(obj.colour); prompt = scene.captions["appearance_free"]
@@ -54,4 +56,4 @@ for m, r in rows.items():
     print(m, "found", np.mean([x["found_every_frame"] for x in r]), "<=1 turn", np.mean([x["direction_changes"] <= 1 for x in r]),
           "even", np.mean([x["even"] for x in r]), "median max/mean", np.median([x["max_over_mean_step"] for x in r]), flush=True)
     grid = np.concatenate([np.concatenate(list(f), 1) for f in allframes[m]], 0)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(f"docs/colour-continuum/blend-{m}.png")
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(out / f"blend-{m}.png")
