@@ -17,20 +17,21 @@ from transformers import AutoImageProcessor, CLIPTextModelWithProjection, CLIPTo
 from lambda_eclipse.atomic import atomic_dir
 from lambda_eclipse.losses import clip_loss
 from lambda_eclipse.miniworld.build import COMPONENTS, STAGES, BuildConfig, build_components, smoke_config
-from lambda_eclipse.miniworld.clip_recipe import _scene_batch, train_clip, trim_padding
+from lambda_eclipse.miniworld.clip_recipe import ClipObjective, _scene_batch, train_clip, trim_padding
 from lambda_eclipse.miniworld.data import (
     background_index,
     clip_pixels,
+    patch_colour_labels,
     patch_shape_labels,
     render_pool,
     shape_cell_labels,
     shape_labels,
 )
 from lambda_eclipse.miniworld.scenes import sample_scenes
-from lambda_eclipse.miniworld.vocab import SHAPES
+from lambda_eclipse.miniworld.vocab import COLOURS, SHAPES
 from lambda_eclipse.miniworld.movq_recipe import fold_latent_normalisation, make_movq, train_movq
 from lambda_eclipse.miniworld.unet_recipe import train_unet
-from lambda_eclipse.train.checkpoint import list_checkpoints
+from lambda_eclipse.train.checkpoint import RunState, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +143,64 @@ def test_shape_maps_and_patch_labels_follow_the_objects() -> None:
     for i, scene in enumerate(scenes):  # every object is somewhere, and only objects are
         occupied = shape_cell_labels(pool.shape_maps[i : i + 1]).view(len(SHAPES), -1).any(1)
         assert {SHAPES[k] for k in occupied.nonzero().flatten().tolist()} == {o.shape for o in scene.objects}
+
+
+def test_colour_labels_hold_the_painted_rgb_and_the_colour_heads_learn_from_them() -> None:
+    mixed = render_pool(30, seed=7, size=32, colour_mix=1.0)  # every object blended off the palette
+    plain = render_pool(30, seed=7, size=32)
+    scenes = sample_scenes(30, seed=7, size=32)
+    assert mixed.shape_rgb.shape == (30, len(SHAPES), 3)
+    for i, scene in enumerate(scenes):
+        held = {list(SHAPES).index(o.shape): np.asarray(COLOURS[o.colour]) / 255 for o in scene.objects}
+        assert set(np.flatnonzero(~np.isnan(plain.shape_rgb[i, :, 0]))) == set(held)
+        for k, rgb in held.items():
+            assert np.allclose(plain.shape_rgb[i, k], rgb)
+            # blended toward another palette colour c by a weight w < 1/2: on the segment from its own colour to c
+            m, weights = mixed.shape_rgb[i, k], []
+            for c in (np.asarray(v) / 255 for v in COLOURS.values() if not np.allclose(np.asarray(v) / 255, rgb)):
+                w = float(np.dot(m - rgb, c - rgb) / np.dot(c - rgb, c - rgb))
+                if np.abs(rgb + w * (c - rgb) - m).max() < 1e-5:
+                    weights.append(w)
+            assert weights and all(0 <= w < 0.5 for w in weights) and np.abs(m - rgb).max() > 0
+    patch_shapes = patch_shape_labels(mixed.shape_maps, 4)
+    patch_rgb = patch_colour_labels(mixed.shape_rgb, patch_shapes)  # (30, 64, 3)
+    assert patch_rgb[patch_shapes == 0].isnan().all() and not patch_rgb[patch_shapes > 0].isnan().any()
+    n, p = (patch_shapes > 0).nonzero()[0].tolist()
+    assert torch.equal(patch_rgb[n, p], torch.from_numpy(mixed.shape_rgb[n, int(patch_shapes[n, p]) - 1]))
+    # the loss is finite on a batch, and the heads' error falls when fitted (they read the colour from the embedding)
+    recipe = replace(smoke_config().clip, colour_loss=1.0, shape_loss=0.0, patch_shape_loss=0.0, shape_negatives=False)
+    with pytest.raises(ValueError, match="colour_mix < 1"):  # no crop left to pair with its colour word
+        ClipObjective(mixed, recipe, 32)
+    half = render_pool(30, seed=7, size=32, colour_mix=0.5)
+    objective = ClipObjective(half, recipe, 32)
+    off = objective.scene_off_palette
+    assert 0 < int(off.sum()) < 30
+    batch = next(objective.batches(RunState(generator=torch.Generator().manual_seed(0)), None))
+    n_scenes = len(batch["scenes"])
+    assert off[batch["scenes"]].any() and not off[batch["scenes"]].all()
+    for k, scene in enumerate(batch["scenes"].tolist()):  # a colour word names only objects painted that colour
+        said = objective.tokenizer.decode(batch["ids"][k], skip_special_tokens=True)
+        if off[scene]:
+            assert said == objective.tokenizer.decode(objective.ids_free[scene], skip_special_tokens=True)
+    crop_rgb = half.shape_rgb[half.crop_scene[batch["crops"]], objective.crop_rgb[0][batch["crops"]]]
+    named = np.asarray([COLOURS[half.crop_texts[c].split(" ")[1]] for c in batch["crops"].tolist()]) / 255
+    assert np.allclose(crop_rgb, named) and len(batch["crops"]) + n_scenes == batch["n_positive"]
+    mixed = half
+    model = objective.build_model()
+    assert model["colour_head"].weight.requires_grad and not model["shape_head"].weight.requires_grad
+    si, ci = torch.arange(8), torch.arange(4)
+    pixels = clip_pixels(np.concatenate([mixed.images[:8], mixed.crops[:4]]))
+    vision = model["clip"].vision_model(pixel_values=pixels)
+    emb, tokens = model["clip"].visual_projection(vision.pooler_output), vision.last_hidden_state[:8, 1:]
+    heads = torch.optim.Adam([*model["colour_head"].parameters(), *model["patch_colour_head"].parameters()], 0.05)
+    errors = []
+    for _ in range(60):
+        error = objective._colour_error(model, emb.detach(), tokens.detach(), si, ci)
+        heads.zero_grad()
+        error.backward()
+        heads.step()
+        errors.append(error.item())
+    assert np.isfinite(errors[0]) and errors[-1] < 0.5 * errors[0]
 
 
 def test_hard_negatives_only_add_image_side_candidates() -> None:

@@ -33,6 +33,9 @@ class BuildConfig:
     threads: int = 1  # torch CPU threads
     scenes: int = 50000  # training pool (rendered once, cached under work/)
     heldout_scenes: int = 512  # held-out pool for the metrics
+    # share of training-pool objects painted off the palette (blended toward another palette colour): the CLIP,
+    # MoVQ and UNet then see colours between the palette's, as interpolation needs
+    colour_mix: float = 0.0
     verify_n: int = 64  # held-out scenes rendered through KandinskyV22Pipeline at the end
     clip: ClipRecipe = field(default_factory=ClipRecipe)
     movq: MoVQRecipe = field(default_factory=MoVQRecipe)
@@ -120,7 +123,8 @@ def _run_stages(out_dir: Path, config: BuildConfig, verify_steps: int, stages: t
         log(f"{stage} done: {report[stage]}")
 
     t = time.time()
-    pool = load_or_render_pool(work / "pool-train.npz", config.scenes, config.seed, config.size, "train")
+    pool = load_or_render_pool(work / "pool-train.npz", config.scenes, config.seed, config.size, "train",
+                               colour_mix=config.colour_mix)
     heldout = load_or_render_pool(
         work / "pool-heldout.npz", config.heldout_scenes, config.seed, config.size, "heldout"
     )

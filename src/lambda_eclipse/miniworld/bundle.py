@@ -17,9 +17,13 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .prior_stage import FeatureRecipe, train_miniworld_prior, write_scene_features
 from ..atomic import atomic_dir
+
+if TYPE_CHECKING:
+    from .build import BuildConfig
 
 SHIPPED_LAMBDA = 0.2
 SWEEP_LAMBDAS = (0.0, 0.2, 0.5)
@@ -38,6 +42,7 @@ class MiniworldBuild:
     oracle_scenes: int = 30000
     threads: int = 2
     smoke_components: bool = False
+    components: BuildConfig | None = None  # the component recipes; None: BuildConfig()'s defaults
 
     @classmethod
     def smoke(cls) -> "MiniworldBuild":
@@ -165,7 +170,7 @@ def build_miniworld(out_dir: str | Path, plan: MiniworldBuild | None = None, ins
 
     plan = plan or MiniworldBuild()
     out = Path(out_dir)
-    config = smoke_config() if plan.smoke_components else BuildConfig()
+    config = smoke_config() if plan.smoke_components else plan.components or BuildConfig()
     components_dir, verify_steps = out / "components-build", 5 if plan.smoke_components else 50
     torch.set_num_threads(plan.threads)
     # the encoders and the MoVQ first: every later stage reads them

@@ -28,6 +28,8 @@ from .data import (
     OPENAI_CLIP_STD,
     ScenePool,
     clip_pixels,
+    off_palette_crops,
+    patch_colour_labels,
     patch_shape_labels,
     shape_cell_labels,
     shape_labels,
@@ -59,6 +61,11 @@ class ClipRecipe:
     shape_loss: float = 1.0  # a linear head (not exported) must read the shapes from the raw image embedding
     patch_shape_loss: float = 1.0  # a per-patch head (not exported) must name the shape under each patch token
     position_loss: float = 0.0  # a head must say where each shape is (4x4 grid); off: measured no gain
+    # Heads (not exported) that must read the painted RGB of each shape from the raw embedding (scenes and crops)
+    # and of each patch from its token: colour becomes a linear, continuous quantity of the embedding rather than
+    # 8 categories, so in-between colours lie between their ends (interpolation, issue 13). MSE on RGB in [0, 1].
+    colour_loss: float = 0.0
+    init_from: str = ""  # a components folder whose text_encoder/ and image_encoder/ start the run (else fresh)
     lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.05
@@ -86,6 +93,17 @@ def make_clip(recipe: ClipRecipe, size: int, vocab_size: int, bos_id: int, eos_i
     )
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=recipe.projection_dim)
     return CLIPModel(config)
+
+
+def load_clip_towers(model: CLIPModel, components: Path) -> None:
+    """Load an exported CLIP's text_encoder/ and image_encoder/ into ``model`` (same shapes; ``logit_scale`` is not
+    exported and keeps its initial value)."""
+    text = CLIPTextModelWithProjection.from_pretrained(components / "text_encoder")
+    vision = CLIPVisionModelWithProjection.from_pretrained(components / "image_encoder")
+    model.text_model.load_state_dict(text.text_model.state_dict())
+    model.text_projection.load_state_dict(text.text_projection.state_dict())
+    model.vision_model.load_state_dict(vision.vision_model.state_dict())
+    model.visual_projection.load_state_dict(vision.visual_projection.state_dict())
 
 
 def _embed(model: CLIPModel, pixels: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,6 +148,22 @@ class ClipObjective:
         self.scene_shapes, self.crop_shapes = shape_labels(pool) if recipe.shape_loss > 0 else (None, None)
         self.patch_shapes = patch_shape_labels(pool.shape_maps, recipe.patch) if recipe.patch_shape_loss > 0 else None
         self.shape_cells = shape_cell_labels(pool.shape_maps, POSITION_GRID) if recipe.position_loss > 0 else None
+        # A colour word names an object only if it is painted that very colour: scenes holding an off-palette object
+        # (``colour_mix``) are paired with their appearance-free caption only, and only on-palette crops with their
+        # "a {colour} ..." text; otherwise the contrastive loss sorts in-between colours into 8 categories with a
+        # jump at the half-way blend. With an all-palette pool nothing changes.
+        off_crop = off_palette_crops(pool)
+        self.named_crops = torch.from_numpy(np.flatnonzero(~off_crop))
+        if len(self.named_crops) == 0:
+            raise ValueError("no subject crop of the pool is painted its named colour (colour_mix 1?); "
+                             "use colour_mix < 1 so that crops can be paired with their colour words")
+        self.scene_off_palette = torch.zeros(len(pool), dtype=torch.bool)
+        self.scene_off_palette[torch.from_numpy(pool.crop_scene[off_crop])] = True
+        if recipe.colour_loss > 0:
+            self.scene_rgb = torch.from_numpy(pool.shape_rgb)  # (N, K, 3), NaN where the scene lacks the shape
+            crop_shape = shape_labels(pool)[1]
+            self.crop_rgb = (crop_shape, self.scene_rgb[torch.from_numpy(pool.crop_scene), crop_shape])  # (M,), (M, 3)
+            self.patch_rgb = patch_colour_labels(pool.shape_rgb, patch_shape_labels(pool.shape_maps, recipe.patch))
 
     def config_dict(self) -> dict:
         return {"clip": asdict(self.recipe), "size": self.size}
@@ -144,8 +178,12 @@ class ClipObjective:
             "shape_head": (torch.nn.Linear(r.projection_dim, len(SHAPES)), r.shape_loss),
             "patch_head": (torch.nn.Linear(r.hidden, len(SHAPES) + 1), r.patch_shape_loss),  # background or a shape
             "position_head": (torch.nn.Linear(r.projection_dim, len(SHAPES) * POSITION_GRID**2), r.position_loss),
+            "colour_head": (torch.nn.Linear(r.projection_dim, len(SHAPES) * 3), r.colour_loss),
+            "patch_colour_head": (torch.nn.Linear(r.hidden, 3), r.colour_loss),
         }
         modules = {"clip": make_clip(r, self.size, len(t), t.bos_token_id, t.eos_token_id, t.pad_token_id)}
+        if r.init_from:
+            load_clip_towers(modules["clip"], Path(r.init_from))
         for name, (head, weight) in heads.items():
             modules[name] = head.requires_grad_(weight > 0)
         return torch.nn.ModuleDict(modules)
@@ -154,8 +192,8 @@ class ClipObjective:
         r, pool, g = self.recipe, self.pool, state.generator
         while True:
             si = _scene_batch(pool.backgrounds, r.batch_scenes, r.same_background, g)
-            ci = torch.randint(len(pool.crops), (r.batch_crops,), generator=g)
-            use_full = torch.rand(r.batch_scenes, generator=g) < r.p_full
+            ci = self.named_crops[torch.randint(len(self.named_crops), (r.batch_crops,), generator=g)]
+            use_full = (torch.rand(r.batch_scenes, generator=g) < r.p_full) & ~self.scene_off_palette[si]
             ids = torch.cat([torch.where(use_full[:, None], self.ids_full[si], self.ids_free[si]), self.ids_crop[ci]])
             n_pos = len(ids)
             if self.ids_wrong is not None:
@@ -187,7 +225,25 @@ class ClipObjective:
                 position = F.binary_cross_entropy_with_logits(model["position_head"](image_emb[:n_scenes]),
                                                               self.shape_cells[si])
                 loss, out["position"] = loss + r.position_loss * position, position.detach()
+            if r.colour_loss > 0:
+                colour = self._colour_error(model, image_emb, vision.last_hidden_state[:n_scenes, 1:].float(), si, ci)
+                loss, out["colour"] = loss + r.colour_loss * colour, colour.detach()
         return {"loss": loss, **out}
+
+    def _colour_error(self, model, image_emb: torch.Tensor, tokens: torch.Tensor, si: torch.Tensor,
+                      ci: torch.Tensor) -> torch.Tensor:
+        """Mean squared RGB error of the colour heads: per shape of each scene and of each crop from the raw
+        embeddings (scenes + crops, D), per object patch from the tokens (scenes, P, hidden)."""
+        n_scenes, k = len(si), len(SHAPES)
+        said = model["colour_head"](image_emb).view(len(image_emb), k, 3)
+        crop_shape, crop_rgb = self.crop_rgb[0][ci], self.crop_rgb[1][ci]
+        said = torch.cat([said[:n_scenes].flatten(0, 1), said[n_scenes:][torch.arange(len(ci)), crop_shape]])
+        truth = torch.cat([self.scene_rgb[si].flatten(0, 1), crop_rgb])
+        patch_said, patch_truth = model["patch_colour_head"](tokens).flatten(0, 1), self.patch_rgb[si].flatten(0, 1)
+        said, truth = torch.cat([said, patch_said]), torch.cat([truth, patch_truth])
+        held = ~truth[:, 0].isnan()  # shapes the scene holds, object patches
+        return F.mse_loss(said[held], truth[held])
+
 
     def validate(self, model, accelerator) -> None:
         return None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path
 from .scenes import Scene, Split, iter_scenes
-from .vocab import BG_COLOURS, BG_KINDS, SHAPES
+from .vocab import BG_COLOURS, BG_KINDS, COLOURS, SHAPES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,7 +28,9 @@ class ScenePool:
     images: (N, S, S, 3) uint8; captions_full / captions_free: N strings; crops: (M, S, S, 3) uint8;
     crop_texts: M strings "a {colour} {texture} {shape}"; crop_scene: (M,) int64, the scene of each crop;
     shape_maps: (N, S, S) uint8, 0 on the background and ``1 + SHAPES.index(shape)`` on each object's pixels;
-    backgrounds: (N,) int64 (:func:`background_index`); captions_wrong_shape: N strings (:func:`wrong_shape_caption`).
+    backgrounds: (N,) int64 (:func:`background_index`); captions_wrong_shape: N strings (:func:`wrong_shape_caption`);
+    shape_rgb: (N, len(SHAPES), 3) float32, the RGB in [0, 1] each shape of the scene was painted with, NaN for
+    shapes the scene does not hold (a scene holds each shape at most once).
     """
 
     images: np.ndarray
@@ -40,6 +42,7 @@ class ScenePool:
     shape_maps: np.ndarray
     backgrounds: np.ndarray
     captions_wrong_shape: list[str]
+    shape_rgb: np.ndarray
 
     def __len__(self) -> int:
         return len(self.images)
@@ -69,6 +72,7 @@ def wrong_shape_caption(scene: Scene, rng: np.random.Generator) -> str:
 def render_pool(n: int, seed: int, size: int, split: Split = "train", colour_mix: float = 0.0) -> ScenePool:
     """Render scenes 0..n-1 of stream ``seed`` (crops at the image size; ``colour_mix``: see ``render_scene``)."""
     images, full, free, crops, crop_texts, crop_scene, masks, backgrounds, wrong = [], [], [], [], [], [], [], [], []
+    shape_rgb = np.full((n, len(SHAPES), 3), np.nan, np.float32)
     for i, scene in zip(range(n), iter_scenes(seed, size, split, colour_mix=colour_mix)):
         images.append(scene.image)
         backgrounds.append(background_index(scene))
@@ -76,6 +80,7 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train", colour_mix
         shape_map = np.zeros(scene.image.shape[:2], np.uint8)
         for obj in scene.objects:
             shape_map[obj.mask] = 1 + SHAPES.index(obj.shape)
+            shape_rgb[i, SHAPES.index(obj.shape)] = np.asarray(obj.rgb) / 255.0
         masks.append(shape_map)
         full.append(scene.captions["full"])
         free.append(scene.captions["appearance_free"])
@@ -85,7 +90,7 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train", colour_mix
             crop_scene.append(i)
     return ScenePool(
         np.stack(images), full, free, np.stack(crops), crop_texts, np.asarray(crop_scene, dtype=np.int64),
-        np.stack(masks), np.asarray(backgrounds, dtype=np.int64), wrong,
+        np.stack(masks), np.asarray(backgrounds, dtype=np.int64), wrong, shape_rgb[: len(images)],
     )
 
 
@@ -97,11 +102,11 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
     key = np.asarray([n, seed, size, 0 if split == "train" else 1] + ([round(colour_mix * 1e6)] if colour_mix else []))
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            if np.array_equal(z["key"], key) and "shape_maps" in z:
+            if np.array_equal(z["key"], key) and "shape_rgb" in z:  # older caches lack fields: rendered again
                 return ScenePool(
                     z["images"], list(z["captions_full"]), list(z["captions_free"]), z["crops"],
                     list(z["crop_texts"]), z["crop_scene"], z["shape_maps"], z["backgrounds"],
-                    list(z["captions_wrong_shape"]),
+                    list(z["captions_wrong_shape"]), z["shape_rgb"],
                 )
     pool = render_pool(n, seed, size, split, colour_mix)
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:  # a handle: savez would append ".npz"
@@ -110,6 +115,7 @@ def load_or_render_pool(path: Path, n: int, seed: int, size: int, split: Split =
             captions_free=np.asarray(pool.captions_free), crops=pool.crops,
             crop_texts=np.asarray(pool.crop_texts), crop_scene=pool.crop_scene, shape_maps=pool.shape_maps,
             backgrounds=pool.backgrounds, captions_wrong_shape=np.asarray(pool.captions_wrong_shape),
+            shape_rgb=pool.shape_rgb,
         )
     return pool
 
@@ -137,6 +143,22 @@ def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> tor
     cover = _pooled_shape_planes(shape_maps, lambda plane: F.avg_pool2d(plane, patch))  # share of each patch
     best = cover.max(1)
     return torch.where(best.values >= 0.25, best.indices + 1, 0).flatten(1)
+
+
+def off_palette_crops(pool: ScenePool) -> np.ndarray:
+    """(M,) bool: crops whose object is not painted exactly its named palette colour (``colour_mix`` blends)."""
+    shapes = [list(SHAPES).index(t.split(" ", 3)[3]) for t in pool.crop_texts]
+    named = np.asarray([COLOURS[t.split(" ", 2)[1]] for t in pool.crop_texts], np.float32) / 255.0
+    painted = pool.shape_rgb[pool.crop_scene, shapes]
+    return np.abs(painted - named).max(-1) > 1e-4
+
+
+def patch_colour_labels(shape_rgb: np.ndarray | torch.Tensor, patch_shapes: torch.Tensor) -> torch.Tensor:
+    """The RGB in [0, 1] painted on each patch, (N, P, 3), NaN on background patches. shape_rgb: (N, K, 3) as in
+    :class:`ScenePool`; patch_shapes: (N, P) from :func:`patch_shape_labels` (0 = background, else 1 + shape)."""
+    rgb = torch.as_tensor(np.asarray(shape_rgb))
+    padded = torch.cat([torch.full_like(rgb[:, :1], float("nan")), rgb], 1)  # class 0 -> NaN
+    return torch.gather(padded, 1, patch_shapes[..., None].expand(-1, -1, 3))
 
 
 def shape_cell_labels(shape_maps: np.ndarray | torch.Tensor, grid: int = 4) -> torch.Tensor:

@@ -61,6 +61,12 @@ class SceneObject:
     mask: np.ndarray = field(repr=False)  # (S, S) bool, the object's pixels in the scene image
     crop: np.ndarray = field(repr=False)  # (C, C, 3) uint8: the masked object on white, square, centred
     photo_mask: np.ndarray = field(repr=False)  # (S·scale, S·scale) bool, the object's pixels in ``Scene.photo``
+    paint: tuple[float, float, float] | None = field(default=None, repr=False)  # RGB painted (off-palette: blended)
+
+    @property
+    def rgb(self) -> tuple[float, float, float]:
+        """The RGB in [0, 255] the object was painted with: its palette colour unless blended or recoloured."""
+        return self.paint if self.paint is not None else tuple(float(v) for v in COLOURS[self.colour])
 
     @property
     def noun(self) -> str:
@@ -219,11 +225,12 @@ def render_scene(
 
     photo = Image.fromarray(np.round(canvas).astype(np.uint8))  # the photograph the crops are cut from
     objects = []
-    for shape, (colour, texture), sz, hi in zip(shapes, appearances, sizes, hi_masks):
+    for shape, (colour, texture), sz, hi, paint in zip(shapes, appearances, sizes, hi_masks, paints):
         mask = hi.reshape(size, scale, size, scale).mean(axis=(1, 3)) >= 0.5
         box = mask_box(mask)
         crop = np.asarray(subject_crop(photo, hi, mask_box(hi), crop_size, resample="box"))  # the builder's crop
-        objects.append(SceneObject(shape, colour, texture, sz, box, mask, crop, hi))
+        rgb = tuple(float(v) for v in (COLOURS[paint] if isinstance(paint, str) else paint))
+        objects.append(SceneObject(shape, colour, texture, sz, box, mask, crop, hi, rgb))
 
     rels = [_relation(boxes[i], boxes[i + 1]) for i in range(n_obj - 1)]
     bg = f"a plain {bg_colour} background" if bg_kind == "plain" else f"a {bg_colour} {bg_kind} background"
