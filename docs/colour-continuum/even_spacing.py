@@ -1,15 +1,15 @@
 """Pilot (issue 13): 7 frames placed at even CLIP-I arc length along the slerp line. The line is first decoded at 9
-    positions, then the 4 widest CLIP-I steps are bisected until N decodes; usage: python docs/colour-continuum/even_spacing.py LINES N"""
-import sys, torch, numpy as np, torch.nn.functional as F
+    positions, then the 4 widest CLIP-I steps are bisected until N decodes; usage: [MODEL=DIR THREADS=K] python docs/colour-continuum/even_spacing.py LINES N"""
+import os, sys, torch, numpy as np, torch.nn.functional as F
 from PIL import Image
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from lambda_eclipse.pipeline import LambdaEclipsePipeline
 from lambda_eclipse.miniworld.oracle import load_oracle
 from lambda_eclipse.miniworld.interpolation_eval import InterpolationEvalConfig, one_subject_scenes, other_colour, subject_picture, score_line
 from lambda_eclipse.miniworld.evaluate import clip_features
 from lambda_eclipse.interpolation import Corner
 from lambda_eclipse.cli import BUNDLED_ORACLE
-pipe = LambdaEclipsePipeline.from_pretrained("models/miniworld"); pipe.set_progress_bar_config(disable=True)
+pipe = LambdaEclipsePipeline.from_pretrained(os.environ.get("MODEL", "models/miniworld")); pipe.set_progress_bar_config(disable=True)
 oracle = load_oracle(str(BUNDLED_ORACLE)); cfg = InterpolationEvalConfig(); size = 32
 n, dense = int(sys.argv[1]), int(sys.argv[2])
 def run(corners, ts):
