@@ -185,11 +185,10 @@ def test_colour_labels_hold_the_painted_rgb_and_the_colour_heads_learn_from_them
     crop_rgb = half.shape_rgb[half.crop_scene[batch["crops"]], objective.crop_rgb[0][batch["crops"]]]
     named = np.asarray([COLOURS[half.crop_texts[c].split(" ")[1]] for c in batch["crops"].tolist()]) / 255
     assert np.allclose(crop_rgb, named) and len(batch["crops"]) + n_scenes == batch["n_positive"]
-    mixed = half
     model = objective.build_model()
     assert model["colour_head"].weight.requires_grad and not model["shape_head"].weight.requires_grad
     si, ci = torch.arange(8), torch.arange(4)
-    pixels = clip_pixels(np.concatenate([mixed.images[:8], mixed.crops[:4]]))
+    pixels = clip_pixels(np.concatenate([half.images[:8], half.crops[:4]]))
     vision = model["clip"].vision_model(pixel_values=pixels)
     emb, tokens = model["clip"].visual_projection(vision.pooler_output), vision.last_hidden_state[:8, 1:]
     heads = torch.optim.Adam([*model["colour_head"].parameters(), *model["patch_colour_head"].parameters()], 0.05)

@@ -244,7 +244,6 @@ class ClipObjective:
         held = ~truth[:, 0].isnan()  # shapes the scene holds, object patches
         return F.mse_loss(said[held], truth[held])
 
-
     def validate(self, model, accelerator) -> None:
         return None
 

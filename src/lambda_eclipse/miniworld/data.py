@@ -90,7 +90,7 @@ def render_pool(n: int, seed: int, size: int, split: Split = "train", colour_mix
             crop_scene.append(i)
     return ScenePool(
         np.stack(images), full, free, np.stack(crops), crop_texts, np.asarray(crop_scene, dtype=np.int64),
-        np.stack(masks), np.asarray(backgrounds, dtype=np.int64), wrong, shape_rgb[: len(images)],
+        np.stack(masks), np.asarray(backgrounds, dtype=np.int64), wrong, shape_rgb,
     )
 
 
@@ -147,9 +147,8 @@ def patch_shape_labels(shape_maps: np.ndarray | torch.Tensor, patch: int) -> tor
 
 def off_palette_crops(pool: ScenePool) -> np.ndarray:
     """(M,) bool: crops whose object is not painted exactly its named palette colour (``colour_mix`` blends)."""
-    shapes = [list(SHAPES).index(t.split(" ", 3)[3]) for t in pool.crop_texts]
     named = np.asarray([COLOURS[t.split(" ", 2)[1]] for t in pool.crop_texts], np.float32) / 255.0
-    painted = pool.shape_rgb[pool.crop_scene, shapes]
+    painted = pool.shape_rgb[pool.crop_scene, shape_labels(pool)[1].numpy()]
     return np.abs(painted - named).max(-1) > 1e-4
 
 

@@ -112,6 +112,11 @@ def background(colour: str, kind: str, size: int, scale: int, rng: np.random.Gen
     raise ValueError(f"unknown background kind {kind!r}")
 
 
+def paint_rgb(colour: str | tuple[float, float, float]) -> np.ndarray:
+    """(3,) float32 RGB in [0, 255] of a palette colour name or an (r, g, b) triple."""
+    return np.asarray(COLOURS[colour] if isinstance(colour, str) else colour, dtype=np.float32)
+
+
 def paint_object(
     canvas: np.ndarray,
     shape: str,
@@ -135,7 +140,7 @@ def paint_object(
     ys, xs = np.mgrid[r0:r1, c0:c1].astype(np.float32)
     px, py = (xs + 0.5) / scale, (ys + 0.5) / scale  # centre of each canvas cell, in output pixels
     local = shape_mask(shape, (px - cx) / half, (py - cy) / half)
-    rgb = np.asarray(COLOURS[colour] if isinstance(colour, str) else colour, dtype=np.float32)
+    rgb = paint_rgb(colour)
     second = texture_pattern(texture, px - x0, py - y0, period=max(4.0, size / 8.0))
     window = canvas[r0:r1, c0:c1]
     window[local & ~second] = rgb

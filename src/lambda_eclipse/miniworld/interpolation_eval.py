@@ -149,6 +149,15 @@ def summarize_lines(records: list[dict], path: str) -> dict:
     }
 
 
+def ramp_renders(scene, b: str, frames: int, size: int) -> np.ndarray:
+    """A one-subject held-out ``scene`` rendered ``frames`` times with its subject's colour mixed in RGB from its own
+    colour to palette colour ``b``: uint8 (frames, S, S, 3)."""
+    a_rgb, b_rgb = np.array(COLOURS[scene.objects[0].colour], float), np.array(COLOURS[b], float)
+    return np.stack([render_scene(scene.seed, size, "heldout",
+                                  recolour={0: tuple(float(round(v)) for v in (1 - t) * a_rgb + t * b_rgb)}).image
+                     for t in np.linspace(0, 1, frames)])
+
+
 def measure_ramp(pipe, oracle, cfg: InterpolationEvalConfig, size: int) -> dict:
     """References for the lines: each line's scene rendered with the subject's colour mixed from A to B in RGB (a
     truly smooth transition), scored as rendered and as decoded from the renders' own CLIP embeddings. They tell
@@ -159,11 +168,7 @@ def measure_ramp(pipe, oracle, cfg: InterpolationEvalConfig, size: int) -> dict:
     for scene in one_subject_scenes(cfg.num_lines, cfg.seed, size):
         obj = scene.objects[0]
         b = other_colour(obj.colour)
-        a_rgb, b_rgb = np.array(COLOURS[obj.colour], float), np.array(COLOURS[b], float)
-        renders = [render_scene(scene.seed, size, "heldout",
-                                recolour={0: tuple(float(round(v)) for v in (1 - t) * a_rgb + t * b_rgb)}).image
-                   for t in np.linspace(0, 1, cfg.frames)]
-        renders = np.stack(renders)
+        renders = ramp_renders(scene, b, cfg.frames, size)
         rendered.append(score_line(pipe, oracle, renders, obj, b))
         embeds = clip_features(pipe, [Image.fromarray(r) for r in renders])[0]
         decoded.append(score_line(pipe, oracle, decode(pipe, embeds, ecfg, size), obj, b))

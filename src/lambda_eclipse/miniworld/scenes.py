@@ -61,12 +61,7 @@ class SceneObject:
     mask: np.ndarray = field(repr=False)  # (S, S) bool, the object's pixels in the scene image
     crop: np.ndarray = field(repr=False)  # (C, C, 3) uint8: the masked object on white, square, centred
     photo_mask: np.ndarray = field(repr=False)  # (S·scale, S·scale) bool, the object's pixels in ``Scene.photo``
-    paint: tuple[float, float, float] | None = field(default=None, repr=False)  # RGB painted (off-palette: blended)
-
-    @property
-    def rgb(self) -> tuple[float, float, float]:
-        """The RGB in [0, 255] the object was painted with: its palette colour unless blended or recoloured."""
-        return self.paint if self.paint is not None else tuple(float(v) for v in COLOURS[self.colour])
+    rgb: tuple[float, float, float] = field(repr=False)  # RGB in [0, 255] painted: ``colour``'s unless blended/recoloured
 
     @property
     def noun(self) -> str:
@@ -229,7 +224,7 @@ def render_scene(
         mask = hi.reshape(size, scale, size, scale).mean(axis=(1, 3)) >= 0.5
         box = mask_box(mask)
         crop = np.asarray(subject_crop(photo, hi, mask_box(hi), crop_size, resample="box"))  # the builder's crop
-        rgb = tuple(float(v) for v in (COLOURS[paint] if isinstance(paint, str) else paint))
+        rgb = tuple(float(v) for v in draw.paint_rgb(paint))
         objects.append(SceneObject(shape, colour, texture, sz, box, mask, crop, hi, rgb))
 
     rels = [_relation(boxes[i], boxes[i + 1]) for i in range(n_obj - 1)]
