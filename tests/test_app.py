@@ -145,6 +145,11 @@ def test_interpolate_tab_writes_the_grid_and_gif_with_the_cli_writer(tiny_pipe, 
         4, ["a dog", "a cat", "a dog at night", "a cat at night"], ["dog", "", "", "cat"], [[dog], None, None, [cat]],
         2, "slerp", 0, 2, 2.0), tmp_path / "out", "tiny")
     assert len(grid4["frames"]) == 4 and grid4["gif"] is None  # a 2 × 2 grid; a GIF only for a line
+    even = run_interpolate(tiny_pipe, interpolate_form_from_values(
+        2, ["a dog", "a cat", None, None], [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0, 1.0, "perceptual"),
+        tmp_path / "out", "tiny")
+    middle = Image.open(even["frames"][1]).text
+    assert json.loads(middle["settings"])["spacing"] == "perceptual" and json.loads(middle["position"])[1] != 0.5
     with pytest.raises(UserError, match="corner 2 \\(end / top-right\\) has no prompt"):
         interpolate_form_from_values(2, ["a dog", " ", "", ""], [None] * 4, [None] * 4, 3, "slerp", 0, 2, 2.0)
     with pytest.raises(UserError, match="2 corners .* or 4"):

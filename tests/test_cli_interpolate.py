@@ -30,6 +30,10 @@ def test_interpolate_line_and_its_files(model_dir, tmp_path, capsys):
     assert corners[0]["subjects"] == {"dog": [str(a), str(b)]} and corners[1]["subjects"] == {"dog": str(c)}
     assert json.loads(Image.open(frames[2]).text["weights"])["top_right"] == 1.0
     assert len(list(out.glob("*-embeds.safetensors"))) == 1
+    assert cli("interpolate", "--corner", "a dog on the beach", "--corner", "a dog wearing a hat", "--frames", 3,
+               "--steps", 1, "--model", model_dir, "--out", out, "--quiet", "--spacing", "perceptual", "--probes", 5) == 0
+    placed = [Image.open(f).text for f in sorted(out.glob("*-frame001.png")) if "probes" in Image.open(f).text["settings"]]
+    assert len(placed) == 1 and json.loads(placed[0]["settings"])["probes"] == 5
 
 
 @pytest.mark.parametrize(
@@ -40,6 +44,7 @@ def test_interpolate_line_and_its_files(model_dir, tmp_path, capsys):
         (["--subject", "dog=x.png", "--corner", "a dog", "--corner", "a cat"], "before any --corner"),
         (["--corner", "a dog", "--corner", "a cat", "--subject-scale", "nan"], "--subject-scale must be"),
         (["--corner", "a dog", "--corner", "a cat", "--frames", "1"], "steps"),
+        (["--corner", "a dog", "--corner", "a cat", "--spacing", "perceptual", "--probes", "3"], "probes"),
         (["--corner", "a dog", "--subject", "dog=MISSING.png", "--corner", "a cat"], "does not exist"),
     ],
 )

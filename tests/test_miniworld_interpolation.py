@@ -28,6 +28,8 @@ def test_a_tiny_run_writes_its_report(tmp_path):
     metrics = run_interpolation_eval(BUNDLED_MODEL, BUNDLED_ORACLE, tmp_path, cfg)
     assert metrics["grid"]["corners_bitwise_equal_to_generate"] == [True] * 4
     assert metrics["lines"]["slerp"]["lines"] == 1 and len(metrics["lines"]["lerp"]["found_by_frame"]) == 3
+    perceptual = json.loads((tmp_path / "parts" / "lines-slerp-perceptual.json").read_text())
+    assert metrics["lines"]["slerp, perceptual spacing"]["lines"] == 1 and perceptual["records"][0]["positions"][-1] == 1
     assert set(metrics["knobs"]["subject_scale_colour_accuracy"]) == {"0.0", "1.0"}
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "lines.png").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["ramp"]["rendered"]["lines"] == 1

@@ -223,11 +223,12 @@ class InterpolateForm:
     steps: int = 25
     guidance: float = 4.0
     subject_scale: float = 1.0
+    spacing: str = "uniform"  # frames at even path steps, or "perceptual": at even CLIP-I steps
 
 
 def interpolate_form_from_values(corner_count: Any, prompts: list[str | None], words: list[str | None],
                                  files: list[Any], frames: Any, path: str, seed: Any, steps: Any, guidance: Any,
-                                 subject_scale: Any = 1.0) -> InterpolateForm:
+                                 subject_scale: Any = 1.0, spacing: str = "uniform") -> InterpolateForm:
     """The Interpolate tab's raw values -> an :class:`InterpolateForm` (the first 2 or 4 corners; a corner's word
     without pictures, or pictures without a word, is a mistake)."""
     count = _whole_number(corner_count, "corners")
@@ -242,7 +243,7 @@ def interpolate_form_from_values(corner_count: Any, prompts: list[str | None], w
         corners.append((form.prompt, form.subjects))
     return InterpolateForm(corners, frames=_whole_number(frames, "frames per side"), path=path,
                            seed=_whole_number(seed, "seed"), steps=_whole_number(steps, "steps"), guidance=guidance,
-                           subject_scale=subject_scale)
+                           subject_scale=subject_scale, spacing=spacing)
 
 
 def run_interpolate(pipe, form: InterpolateForm, out: str | Path, model: str = "",
@@ -261,7 +262,10 @@ def run_interpolate(pipe, form: InterpolateForm, out: str | Path, model: str = "
         # the metadata names the uploaded files, not the decoded pictures
         records.append(Corner(prompt, {w: [Path(p).name for p in paths] for w, paths in subjects} or None))
     settings = dict(num_inference_steps=form.steps, guidance_scale=form.guidance, subject_scale=form.subject_scale)
-    result = pipe.interpolate(corners, steps=form.frames, path=form.path, seed=form.seed, **settings)
+    result = pipe.interpolate(corners, steps=form.frames, path=form.path, seed=form.seed, spacing=form.spacing,
+                              **settings)
+    if form.spacing != "uniform":  # recorded only when set, so that earlier requests keep their file names
+        settings["spacing"] = form.spacing
     return write_interpolation(result, records, out, {"model": model, **settings, **(decoder or {})}, form.seed,
                                form.path, form.frames)
 
@@ -357,7 +361,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
 
     interpolate.__signature__ = _named_signature(
         ["corners", *[f"{what}_{k + 1}" for what in ("prompt", "word", "pictures") for k in range(4)],
-         "frames", "path", "seed", "steps", "guidance", "subject_scale"], gr.Progress())
+         "frames", "path", "seed", "steps", "guidance", "subject_scale", "spacing"], gr.Progress())
 
     css_in_launch = "css" in inspect.signature(gr.Blocks.launch).parameters  # Gradio 6 moved it there
     with gr.Blocks(title="λ-ECLIPSE", **({} if css_in_launch else {"css": PAGE_CSS})) as demo:
@@ -478,6 +482,8 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
                 i_steps = gr.Slider(1, 100, value=25, step=1, label="steps", elem_id="interpolate-steps")
                 i_guidance = gr.Slider(0, 15, value=4.0, step=0.5, label="guidance")
                 i_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="subject scale")
+                i_spacing = gr.Radio(["uniform", "perceptual"], value="uniform", elem_id="spacing",
+                                     label="frame spacing (perceptual: even CLIP-I steps; ~5× the decodes)")
             i_run = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
             i_note = gr.Markdown(elem_id="interpolate-timing")
             with gr.Row():
@@ -490,7 +496,7 @@ def build_demo(pipe, config: DemoConfig | None = None, model: str = ""):
             corner_count.change(lambda n: [gr.update(visible=k < int(n)) for k in range(4)], corner_count,
                                 corner_boxes, api_name=False)
             i_run.click(interpolate, [corner_count, *c_prompts, *c_words, *c_files, frames, path, i_seed, i_steps,
-                                      i_guidance, i_scale], [grid, gif, i_files, i_note], api_name="interpolate",
+                                      i_guidance, i_scale, i_spacing], [grid, gif, i_files, i_note], api_name="interpolate",
                         **one_at_a_time)
     return demo
 

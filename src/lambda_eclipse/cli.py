@@ -301,6 +301,8 @@ class InterpolateArgs:
     corners: list[dict]
     steps: int = 5
     path: str = "slerp"
+    spacing: str = "uniform"
+    probes: int | None = None
     seed: int = 0
     num_inference_steps: int = 50
     guidance: float = 7.5
@@ -320,14 +322,14 @@ def interpolate(args: InterpolateArgs) -> dict:
     """Interpolate between corners; writes the frames, a labelled grid, a GIF of a line and the embeddings
     (:func:`lambda_eclipse.interpolation_io.write_interpolation`) and returns their paths."""
     from .encoders import load_image
-    from .interpolation import Corner, check_corners
+    from .interpolation import Corner, check_corners, default_probes
     from .inputs import check_inputs
 
     from .checks import check_output_path
 
     check_output_path(args.out, "folder", "--out")
     check_decoder_paths(args.unet, args.lora)
-    check_corners(args.corners, args.steps, args.path)
+    check_corners(args.corners, args.steps, args.path, args.spacing, args.probes)
     corners = []
     for k, c in enumerate(args.corners):
         check_inputs(c["prompt"], c["subjects"], c.get("edge_image"), 1, args.num_inference_steps, args.guidance,
@@ -349,11 +351,15 @@ def interpolate(args: InterpolateArgs) -> dict:
     decoder = {k: v for k, v in (("unet", args.unet), ("lora", args.lora)) if v is not None}
     if args.lora is not None:
         decoder["lora_scale"] = args.lora_scale
-    result = pipe.interpolate(corners, steps=args.steps, path=args.path, seed=args.seed, **settings)
+    result = pipe.interpolate(corners, steps=args.steps, path=args.path, seed=args.seed, spacing=args.spacing,
+                              probes=args.probes, **settings)
     records = [Corner(c["prompt"], {w: p if len(p) > 1 else p[0] for w, p in c["subjects"].items()}, c.get("edge_image"))
                for c in args.corners]  # the metadata names the files, not the decoded images
-    return write_interpolation(result, records, args.out, {"model": model, **settings, **decoder}, args.seed, args.path,
-                               args.steps)
+    # recorded only when set, so that earlier requests keep their file names
+    spacing = {} if args.spacing == "uniform" else {"spacing": args.spacing,
+                                                    "probes": args.probes or default_probes(args.steps)}
+    return write_interpolation(result, records, args.out, {"model": model, **settings, **decoder, **spacing}, args.seed,
+                               args.path, args.steps)
 
 
 class _CornerAction(argparse.Action):
@@ -377,7 +383,7 @@ class _CornerAction(argparse.Action):
 
 def _interpolate_command(ns: argparse.Namespace) -> None:
     written = interpolate(InterpolateArgs(
-        corners=ns.corners or [], steps=ns.frames, path=ns.path, seed=ns.seed, num_inference_steps=ns.steps,
+        corners=ns.corners or [], steps=ns.frames, path=ns.path, spacing=ns.spacing, probes=ns.probes, seed=ns.seed, num_inference_steps=ns.steps,
         guidance=ns.guidance, scheduler=ns.scheduler, subject_scale=ns.subject_scale, model=ns.model, out=ns.out,
         device=ns.device, dtype=ns.dtype, progress=not ns.quiet, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale))
     for key in ("grid", "gif", "embeddings"):
@@ -405,6 +411,9 @@ def add_interpolation_commands(commands, world) -> None:
     inter.add_argument("--edge", action=_CornerAction, dest="corners", metavar="PATH", help="the last corner's edge image")
     inter.add_argument("--frames", type=int, default=5, help="frames per side, corners included (default 5)")
     inter.add_argument("--path", choices=["slerp", "lerp"], default="slerp", help="slerp (default) or lerp (the paper's)")
+    inter.add_argument("--spacing", choices=["uniform", "perceptual"], default="uniform",
+                       help="frames at even path steps (default) or at even CLIP-I steps (decodes --probes per side)")
+    inter.add_argument("--probes", type=int, help="perceptual spacing: decodes per line or grid edge (default 4·(frames-1)+1)")
     inter.add_argument("--seed", type=int, default=0, help="seed of every corner's prior and of the decoder noise")
     inter.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
     inter.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (default 7.5)")

@@ -88,8 +88,10 @@ def direction_changes(values: np.ndarray, tolerance: float = 0.02) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measurements
-def measure_lines(pipe, oracle, cfg: InterpolationEvalConfig, size: int, path: str) -> tuple[dict, np.ndarray, list]:
-    """Lines from colour A to colour B; returns (metrics, uint8 frames (L, F, S, S, 3), per-line records)."""
+def measure_lines(pipe, oracle, cfg: InterpolationEvalConfig, size: int, path: str,
+                  spacing: str = "uniform") -> tuple[dict, np.ndarray, list]:
+    """Lines from colour A to colour B, frames placed by ``spacing`` (``interpolate``'s); returns (metrics, uint8
+    frames (L, F, S, S, 3), per-line records)."""
     from ..interpolation import Corner
 
     records, all_frames = [], []
@@ -101,14 +103,16 @@ def measure_lines(pipe, oracle, cfg: InterpolationEvalConfig, size: int, path: s
                    Corner(prompt, {obj.noun: subject_picture(obj.shape, b, obj.texture, size)})]
         out = pipe.interpolate(corners, steps=cfg.frames, path=path, seed=cfg.seed,
                                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                               scheduler=cfg.scheduler, output_type="np")
+                               scheduler=cfg.scheduler, output_type="np", spacing=spacing)
         frames = np.round(np.clip(out.images, 0, 1) * 255).astype(np.uint8)
         records.append({"prompt": prompt, **score_line(pipe, oracle, frames, obj, b),
+                        "positions": [round(c, 4) for _, c in out.positions],
                         "embed_norms": out.image_embeds.float().norm(dim=-1).numpy().round(3).tolist()})
         all_frames.append(frames)
-        print(f"line {len(records)}/{cfg.num_lines} {path}: {obj.shape} {obj.colour}->{b} found "
+        print(f"line {len(records)}/{cfg.num_lines} {path} {spacing}: {obj.shape} {obj.colour}->{b} found "
               f"{records[-1]['present']} reading {records[-1]['reading_b']}", flush=True)
-    return summarize_lines(records, path), np.stack(all_frames), records
+    label = path if spacing == "uniform" else f"{path}, {spacing} spacing"
+    return summarize_lines(records, label), np.stack(all_frames), records
 
 
 def score_line(pipe, oracle, frames: np.ndarray, obj, b: str) -> dict:
@@ -265,8 +269,8 @@ def measure_grid(pipe, model: str, cfg: InterpolationEvalConfig, size: int, out:
 
 
 def lines_figure(frames: dict[str, np.ndarray], records: list, rows: int = 8, scale: int = 2) -> Image.Image:
-    """Rows of lines (A left, B right), slerp above lerp for each line, with the line's label; frames enlarged
-    ``scale`` times (nearest neighbour)."""
+    """Rows of lines (A left, B right), one row per entry of ``frames`` (slerp, lerp, ...) for each line, with the
+    line's label; frames enlarged ``scale`` times (nearest neighbour)."""
     from PIL import ImageDraw
 
     paths = list(frames)
@@ -321,14 +325,16 @@ def run_interpolation_eval(model: str | os.PathLike, oracle_path: str | os.PathL
 
         frames, records = {}, {}
 
-        def lines(path: str):
+        def lines(path: str, spacing: str = "uniform"):
+            name = f"lines-{path}" if spacing == "uniform" else f"lines-{path}-{spacing}"
+
             def compute():
-                m, f, r = measure_lines(pipe, oracle, cfg, size, path)
-                np.save(out / "parts" / f"lines-{path}.npy", f)
+                m, f, r = measure_lines(pipe, oracle, cfg, size, path, spacing)
+                np.save(out / "parts" / f"{name}.npy", f)
                 return {"metrics": m, "records": r}
-            value = part(f"lines-{path}", compute)
-            frames[path] = np.load(out / "parts" / f"lines-{path}.npy")
-            records[path] = value["records"]
+            value = part(name, compute)
+            frames[value["metrics"]["path"]] = np.load(out / "parts" / f"{name}.npy")
+            records[value["metrics"]["path"]] = value["records"]
             return value["metrics"]
 
         # cheapest-first order of what matters most, so that a partial run already answers something
@@ -337,6 +343,7 @@ def run_interpolation_eval(model: str | os.PathLike, oracle_path: str | os.PathL
         metrics["grid"] = part("grid", lambda: measure_grid(pipe, str(model), cfg, size, out))
         metrics["lines"]["lerp"] = lines("lerp")
         metrics["ramp"] = part("ramp", lambda: measure_ramp(pipe, oracle, cfg, size))
+        metrics["lines"]["slerp, perceptual spacing"] = lines("slerp", "perceptual")
     finally:
         torch.set_num_threads(previous)
     with atomic_path(out / "lines.png") as temporary:
