@@ -267,6 +267,18 @@ def test_miniworld_measurement_picks_disjoint_held_out_concepts():
     assert set(tuned) | set(control) <= RESERVED_INSTANCES and len({c[0] for c in tuned}) == 8  # one per shape
 
 
+def test_hardest_concepts_are_the_lowest_zero_shot_rates_and_the_next_ones_are_control():
+    from lambda_eclipse.miniworld.finetune_eval import hardest_instances
+    from lambda_eclipse.miniworld.scenes import RESERVED_INSTANCES
+
+    names = sorted("-".join(i) for i in RESERVED_INSTANCES)
+    scores = {name: (k * 7 % len(names)) / len(names) for k, name in enumerate(names)}  # a shuffled ranking
+    tuned, control = hardest_instances(scores, 8)
+    ranked = sorted(names, key=lambda n: scores[n])
+    assert ["-".join(c) for c in tuned] == ranked[:8] and ["-".join(c) for c in control] == ranked[8:16]
+    assert max(scores["-".join(c)] for c in tuned) < min(scores["-".join(c)] for c in control)
+
+
 def test_miniworld_concepts_folder_paints_the_concepts_in_a_new_colour(tmp_path):
     import numpy as np
     from PIL import Image

@@ -340,7 +340,7 @@ def miniworld_colour_unet(model: str, work: str, threads: int = 1) -> dict:
 
 
 def miniworld_finetune_eval(out: str, work: str, model: str | None = None, oracle: str | None = None,
-                            threads: int = 1) -> dict:
+                            threads: int = 1, concepts: str = "first") -> dict:
     """Fine-tune the bundled decoder on 8 held-out concepts (full and LoRA) and score before/after; see
     :mod:`lambda_eclipse.miniworld.finetune_eval`."""
     from dataclasses import replace
@@ -348,7 +348,7 @@ def miniworld_finetune_eval(out: str, work: str, model: str | None = None, oracl
     from .miniworld.finetune_eval import FinetuneEvalConfig, run_finetune_eval
 
     return run_finetune_eval(model or str(BUNDLED_MODEL), oracle or str(BUNDLED_ORACLE), out, work,
-                             replace(FinetuneEvalConfig(), threads=threads))
+                             replace(FinetuneEvalConfig(), threads=threads, concepts=concepts))
 
 
 def _features_validate_command(ns: argparse.Namespace) -> None:
@@ -444,8 +444,11 @@ def add_tool_parsers(commands) -> argparse._SubParsersAction:
     tune_eval.add_argument("--model", help=f"pipeline folder (default {BUNDLED_MODEL})")
     tune_eval.add_argument("--oracle", help=f"oracle folder (default {BUNDLED_ORACLE})")
     tune_eval.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    tune_eval.add_argument("--concepts", choices=["first", "hardest"], default="first",
+                           help="first: each shape's first reserved instance (default); hardest: the 8 the bundle "
+                                "draws worst zero-shot, measured on separate prompts")
     tune_eval.set_defaults(func=lambda ns: print(json.dumps(miniworld_finetune_eval(
-        ns.out, ns.work, ns.model, ns.oracle, ns.threads)["results"], indent=1)))
+        ns.out, ns.work, ns.model, ns.oracle, ns.threads, ns.concepts)["results"], indent=1)))
     add_evaluate_parser(commands)
     add_demo_parser(commands)
     return world

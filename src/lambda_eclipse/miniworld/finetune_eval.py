@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_path, atomic_write
+from ..errors import UserError
 from .scenes import RESERVED_INSTANCES, Scene, iter_scenes, render_scene
 
 Instance = tuple[str, str, str]  # (shape, colour, texture)
@@ -54,6 +55,10 @@ class FinetuneEvalConfig:
     snr_gamma: float = 0.0  # finetune-decoder's loss.snr_gamma (the bundle itself trained with 5)
     train_stream: int = 7002  # scene streams disjoint from the build's (<= 9000 are not the oracle's)
     eval_stream: int = 7001
+    selection_stream: int = 7003  # where concepts="hardest" measures the bundle's zero-shot rate per instance
+    selection_prompts: int = 12  # prompts per instance there (2 images each)
+    concepts: str = "first"  # "first": each shape's first reserved instance (control: its second); "hardest": the 8
+    # reserved instances the bundle draws worst zero-shot (control: the next 8), as a user fine-tunes what fails
     num_inference_steps: int = 25
     guidance_scale: float = 4.0
     threads: int = 1
@@ -66,6 +71,31 @@ def split_instances() -> tuple[list[Instance], list[Instance]]:
     for inst in sorted(RESERVED_INSTANCES):
         by_shape.setdefault(inst[0], []).append(inst)
     return [v[0] for v in by_shape.values()], [v[1] for v in by_shape.values()]
+
+
+@torch.no_grad()
+def zero_shot_scores(pipe, oracle, instances: list[Instance], cfg: "FinetuneEvalConfig", size: int) -> dict[str, float]:
+    """The bundle's shape-found-and-colour-right rate per instance ("shape-colour-texture" -> rate) on held-out
+    prompts of the *selection* stream (``cfg.selection_stream``, disjoint from the scored prompts, so that picking
+    the instances it draws worst does not also pick prompts that happen to go badly)."""
+    from .evaluate import EvalConfig, clip_features, subject_embeddings
+
+    out = {}
+    for inst in instances:
+        others = [i for i in instances if i != inst]
+        prompts = eval_prompts([inst], others, cfg.selection_prompts, cfg.selection_stream, size)
+        crops = [clip_features(pipe, [Image.fromarray(o.crop) for o in s.objects])[0] for s, _ in prompts]
+        embeds = subject_embeddings(pipe, [s for s, _ in prompts], crops, EvalConfig(images_per_prompt=cfg.images_per_prompt))
+        out["-".join(inst)] = score(pipe, oracle, prompts, embeds, cfg, size)[0]["shape_found_and_colour_right"]
+    return out
+
+
+def hardest_instances(scores: dict[str, float], count: int) -> tuple[list[Instance], list[Instance]]:
+    """(fine-tuned, control) from per-instance zero-shot ``scores``: the ``count`` the bundle draws worst, and the
+    ``count`` next worst (ties by name), so both sets are equally hard for the bundle before fine-tuning."""
+    ranked = sorted(scores, key=lambda name: (scores[name], name))
+    as_instance = {"-".join(i): i for i in RESERVED_INSTANCES}
+    return [as_instance[n] for n in ranked[:count]], [as_instance[n] for n in ranked[count : 2 * count]]
 
 
 def _key(obj) -> Instance:
@@ -166,7 +196,20 @@ def run_finetune_eval(model_dir: str | os.PathLike, oracle_dir: str | os.PathLik
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle(oracle_dir)
     size = int(pipe.unet.config.sample_size) * pipe.movq_scale_factor
-    tuned, control = split_instances()
+    if cfg.concepts not in ("first", "hardest"):
+        raise UserError(f"unknown concepts choice {cfg.concepts!r}; choose first or hardest")
+    selection = None
+    if cfg.concepts == "hardest":
+        selected = work / "selection.json"  # computed once: the run resumes with the same concepts
+        if selected.is_file():
+            selection = json.loads(selected.read_text())
+        else:
+            selection = zero_shot_scores(pipe, oracle, sorted(RESERVED_INSTANCES), cfg, size)
+            work.mkdir(parents=True, exist_ok=True)
+            atomic_write(selected, json.dumps(selection, indent=2))
+        tuned, control = hardest_instances(selection, 8)
+    else:
+        tuned, control = split_instances()
     sets = {"finetuned": eval_prompts(tuned, control, cfg.prompts_per_concept, cfg.eval_stream, size),
             "control": eval_prompts(control, tuned, cfg.prompts_per_concept, cfg.eval_stream, size)}
     ecfg = EvalConfig(images_per_prompt=cfg.images_per_prompt)
@@ -191,6 +234,8 @@ def run_finetune_eval(model_dir: str | os.PathLike, oracle_dir: str | os.PathLik
     metrics = {"config": asdict(cfg), "finetuned_concepts": ["-".join(c) for c in tuned],
                "control_concepts": ["-".join(c) for c in control],
                "prompts": {k: len(v) for k, v in sets.items()}, "results": results}
+    if selection is not None:
+        metrics["zero_shot_selection"] = selection
     # step by step, both modes at each step, and the report rewritten after each point: a run cut short still
     # leaves a complete report of what it measured
     for step in cfg.eval_steps:
@@ -248,6 +293,13 @@ def write_markdown(metrics: dict) -> str:
              f"Control concepts (not fine-tuned): {', '.join(metrics['control_concepts'])}.",
              f"Prompts: {metrics['prompts']} (images per prompt: {metrics['config']['images_per_prompt']}); "
              "step 0 is the bundle without fine-tuning.", ""]
+    if "zero_shot_selection" in metrics:
+        c = metrics["config"]
+        ranked = sorted(metrics["zero_shot_selection"].items(), key=lambda kv: (kv[1], kv[0]))
+        lines += [f"Concepts chosen as the reserved instances the bundle draws worst zero-shot: shape found and colour "
+                  f"right on {c['selection_prompts']} prompts each ({c['images_per_prompt']} images) of stream "
+                  f"{c['selection_stream']}, not the scored prompts; fine-tuned = the 8 lowest, control = the next 8. "
+                  "Rates: " + ", ".join(f"{k} {v:.2f}" for k, v in ranked) + ".", ""]
     sections = {"finetuned": "fine-tuned concepts", "control": "control concepts (not fine-tuned: forgetting)",
                 "scene_embedding": "fine-tuned concepts, decoded from the held-out scene's own CLIP embedding "
                                    "(the decoder alone, no prior)"}
