@@ -389,8 +389,8 @@ def run_interpolation(pipe, corners: Sequence, steps: int = 5, path: str = "sler
     ``positions`` (default :func:`grid_positions`) picks frames, e.g. one frame of a grid to regenerate it alone;
     given, they are used as they are. Without them, ``spacing`` "uniform" places frames at even steps of the path
     and "perceptual" at even steps of what the frames look like (:func:`perceptual_positions`: the path decoded at
-    ``probes`` positions per line or grid edge, default :func:`default_probes`, and the frames placed at even
-    CLIP-I arc length with the pipeline's own image encoder), for animations that do not rush through one part.
+    ``probes`` positions per line or grid edge, default :func:`default_probes`, and the frames chosen for even
+    CLIP-I steps by the pipeline's own image encoder), for animations that do not rush through one part.
     """
     from diffusers.utils.torch_utils import randn_tensor
 

@@ -447,7 +447,8 @@ class LambdaEclipsePipeline(DiffusionPipeline):
 
         Each corner is a prompt, a :class:`~lambda_eclipse.interpolation.Corner` (prompt, its own subjects, edge
         map) or a (D,) embedding; ``path`` "slerp" (default) or "lerp" (the paper's). ``kwargs``: the decoder
-        settings and controls of :meth:`__call__`, ``positions`` and ``batch_size``; see
+        settings and controls of :meth:`__call__`, ``positions``, ``batch_size``, and ``spacing`` ("uniform", or
+        "perceptual": frames at even CLIP-I steps) with its ``probes``; see
         :func:`~lambda_eclipse.interpolation.run_interpolation`. Returns an ``InterpolationOutput``.
         """
         from .interpolation import run_interpolation
