@@ -86,7 +86,6 @@ def adain_callback(p, i, timestep, kw):
 
 def decode(embeds, gens):
     state.reset()
-    neg = pipe.negative_image_embeds_for(len(embeds)) if hasattr(pipe, "negative_image_embeds_for") else None
     from lambda_eclipse.encoders import zero_image_embedding
     neg = zero_image_embedding(pipe.image_encoder).to(embeds.dtype).expand(len(embeds), -1)
     h, w = pipe._default_size(None, None)

@@ -8,7 +8,7 @@ subject word bound to its crop, one prior sample) or half (even-numbered images 
 run copies the hardest-concepts run's encoded cache with the embeddings replaced, fine-tunes full at the
 finetune-eval settings, and scores the same three prompt sets as finetune-eval.
 """
-import json, shutil, sys, time
+import json, sys, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np, torch
@@ -68,9 +68,7 @@ run = run_training(objective, loop_settings(config))
 pipe.unet = run.model.eval()
 sets = {"finetuned": fe.eval_prompts(tuned, control, cfg.prompts_per_concept, cfg.eval_stream, size),
         "control": fe.eval_prompts(control, tuned, cfg.prompts_per_concept, cfg.eval_stream, size)}
-ecfg = EvalConfig(images_per_prompt=cfg.images_per_prompt)
 for name, prompts in sets.items():
-    emb = subject_embeddings(pipe, [s for s, _ in prompts], [clip_features(pipe, [Image.fromarray(o.crop) for o in s.objects])[0] for s, _ in prompts], ecfg)
-    figures, _ = fe.score(pipe, oracle, prompts, emb, cfg, size)
+    figures, _ = fe.score(pipe, oracle, prompts, fe.prompt_embeddings(pipe, prompts, cfg.images_per_prompt), cfg, size)
     print(variant, steps, name, json.dumps({k: round(v, 3) for k, v in figures.items()
                                             if k.startswith("shape_found") or k in ("clip_t", "background_colour")}), flush=True)

@@ -383,8 +383,8 @@ class _CornerAction(argparse.Action):
 
 def _interpolate_command(ns: argparse.Namespace) -> None:
     written = interpolate(InterpolateArgs(
-        corners=ns.corners or [], steps=ns.frames, path=ns.path, spacing=ns.spacing, probes=ns.probes, seed=ns.seed, num_inference_steps=ns.steps,
-        guidance=ns.guidance, scheduler=ns.scheduler, subject_scale=ns.subject_scale, model=ns.model, out=ns.out,
+        corners=ns.corners or [], steps=ns.frames, path=ns.path, spacing=ns.spacing, probes=ns.probes, seed=ns.seed,
+        num_inference_steps=ns.steps, guidance=ns.guidance, scheduler=ns.scheduler, subject_scale=ns.subject_scale, model=ns.model, out=ns.out,
         device=ns.device, dtype=ns.dtype, progress=not ns.quiet, unet=ns.unet, lora=ns.lora, lora_scale=ns.lora_scale))
     for key in ("grid", "gif", "embeddings"):
         if written[key] is not None:
@@ -413,7 +413,7 @@ def add_interpolation_commands(commands, world) -> None:
     inter.add_argument("--path", choices=["slerp", "lerp"], default="slerp", help="slerp (default) or lerp (the paper's)")
     inter.add_argument("--spacing", choices=["uniform", "perceptual"], default="uniform",
                        help="frames at even path steps (default) or at even CLIP-I steps (decodes --probes per side)")
-    inter.add_argument("--probes", type=int, help="perceptual spacing: decodes per line or grid edge (default 4·(frames-1)+1)")
+    inter.add_argument("--probes", type=int, help="perceptual spacing: decodes per line or grid edge (default 5·(frames-1)+1)")
     inter.add_argument("--seed", type=int, default=0, help="seed of every corner's prior and of the decoder noise")
     inter.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
     inter.add_argument("--guidance", type=float, default=7.5, help="decoder guidance scale (default 7.5)")

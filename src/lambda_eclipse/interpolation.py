@@ -459,11 +459,13 @@ def run_interpolation(pipe, corners: Sequence, steps: int = 5, path: str = "sler
             decoded.update({k: out[j] for j, k in enumerate(group)})
         return [decoded[k] for k in range(len(where))]
 
+    probed: dict[tuple[float, float], Any] = {}  # frames decoded to place the others, kept for the "pil" output
     if positions is not None:
         positions = list(positions)
     elif spacing == "perceptual":
         def features_at(where: list[tuple[float, float]]) -> torch.Tensor:
             images = decode(where, "pil")
+            probed.update(zip(where, images))
             return F.normalize(encode_images(pipe.image_processor, pipe.image_encoder, images).float(), dim=-1).cpu()
 
         positions = perceptual_positions(len(corners), steps, features_at, probes)
@@ -473,7 +475,11 @@ def run_interpolation(pipe, corners: Sequence, steps: int = 5, path: str = "sler
     weights = [bilinear_weights(r, c) for r, c in positions]
     if output_type == "embeds":
         return InterpolationOutput(None, frames, corner_embeds, negative.expand(len(frames), -1), positions, weights)
-    images = decode(positions, output_type)
+    decoded = dict(probed) if output_type == "pil" else {}  # a perceptual line's frames are all probes already
+    missing = [p for p in positions if p not in decoded]
+    if missing:
+        decoded.update(zip(missing, decode(missing, output_type)))
+    images = [decoded[p] for p in positions]
     if output_type == "np":
         images = np.stack(images)
     elif output_type in ("pt", "latent"):

@@ -74,18 +74,25 @@ def split_instances() -> tuple[list[Instance], list[Instance]]:
 
 
 @torch.no_grad()
-def zero_shot_scores(pipe, oracle, instances: list[Instance], cfg: "FinetuneEvalConfig", size: int) -> dict[str, float]:
+def prompt_embeddings(pipe, prompts: list[tuple[Scene, int]], images_per_prompt: int) -> torch.Tensor:
+    """The prior's embeddings of ``prompts`` (appearance-free caption, every subject word bound to its object's
+    crop), ``images_per_prompt`` each: (len(prompts) · images_per_prompt, D)."""
+    from .evaluate import EvalConfig, clip_features, subject_embeddings
+
+    crops = [clip_features(pipe, [Image.fromarray(o.crop) for o in s.objects])[0] for s, _ in prompts]
+    return subject_embeddings(pipe, [s for s, _ in prompts], crops, EvalConfig(images_per_prompt=images_per_prompt))
+
+
+@torch.no_grad()
+def zero_shot_scores(pipe, oracle, instances: list[Instance], cfg: FinetuneEvalConfig, size: int) -> dict[str, float]:
     """The bundle's shape-found-and-colour-right rate per instance ("shape-colour-texture" -> rate) on held-out
     prompts of the *selection* stream (``cfg.selection_stream``, disjoint from the scored prompts, so that picking
     the instances it draws worst does not also pick prompts that happen to go badly)."""
-    from .evaluate import EvalConfig, clip_features, subject_embeddings
-
     out = {}
     for inst in instances:
         others = [i for i in instances if i != inst]
         prompts = eval_prompts([inst], others, cfg.selection_prompts, cfg.selection_stream, size)
-        crops = [clip_features(pipe, [Image.fromarray(o.crop) for o in s.objects])[0] for s, _ in prompts]
-        embeds = subject_embeddings(pipe, [s for s, _ in prompts], crops, EvalConfig(images_per_prompt=cfg.images_per_prompt))
+        embeds = prompt_embeddings(pipe, prompts, cfg.images_per_prompt)
         out["-".join(inst)] = score(pipe, oracle, prompts, embeds, cfg, size)[0]["shape_found_and_colour_right"]
     return out
 
@@ -186,18 +193,18 @@ def run_finetune_eval(model_dir: str | os.PathLike, oracle_dir: str | os.PathLik
     from ..pipeline import LambdaEclipsePipeline
     from ..train.core import run_training
     from ..train.finetune import load_finetune_config, loop_settings, prepare_finetune
-    from .evaluate import EvalConfig, clip_features, subject_embeddings
+    from .evaluate import clip_features
     from .oracle import load_oracle
 
     cfg = cfg or FinetuneEvalConfig()
+    if cfg.concepts not in ("first", "hardest"):
+        raise UserError(f"unknown concepts choice {cfg.concepts!r}; choose first or hardest")
     torch.set_num_threads(cfg.threads)
     out, work = Path(out_dir), Path(work_dir)
     pipe = LambdaEclipsePipeline.from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle(oracle_dir)
     size = int(pipe.unet.config.sample_size) * pipe.movq_scale_factor
-    if cfg.concepts not in ("first", "hardest"):
-        raise UserError(f"unknown concepts choice {cfg.concepts!r}; choose first or hardest")
     selection = None
     if cfg.concepts == "hardest":
         selected = work / "selection.json"  # computed once: the run resumes with the same concepts
@@ -212,9 +219,7 @@ def run_finetune_eval(model_dir: str | os.PathLike, oracle_dir: str | os.PathLik
         tuned, control = split_instances()
     sets = {"finetuned": eval_prompts(tuned, control, cfg.prompts_per_concept, cfg.eval_stream, size),
             "control": eval_prompts(control, tuned, cfg.prompts_per_concept, cfg.eval_stream, size)}
-    ecfg = EvalConfig(images_per_prompt=cfg.images_per_prompt)
-    embeds = {name: subject_embeddings(pipe, [s for s, _ in p], [clip_features(pipe, [Image.fromarray(o.crop) for o in s.objects])[0]
-                                                                 for s, _ in p], ecfg) for name, p in sets.items()}
+    embeds = {name: prompt_embeddings(pipe, p, cfg.images_per_prompt) for name, p in sets.items()}
     # the decoder alone: the held-out scene's own CLIP image embedding, what Eq. 2 trains the decoder to invert
     sets["scene_embedding"] = sets["finetuned"]
     embeds["scene_embedding"] = clip_features(pipe, [Image.fromarray(s.image) for s, _ in sets["finetuned"]])[0].float(
